@@ -1,0 +1,90 @@
+"""Build a HuggingFace model from a preset name, a config JSON, or a local HF checkpoint folder.
+
+Model code knows nothing of parallelism: what this returns is a plain transformers model that the
+stage hands to `deepspeed.initialize`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.models.presets import DECODERS, ENCODERS, PRESETS
+
+
+def _objective_for(model_type: str) -> str:
+    if model_type in DECODERS:
+        return "clm"
+    if model_type in ENCODERS:
+        return "mlm"
+    raise ValueError(f"model type {model_type!r} is neither a known decoder ({sorted(DECODERS)}) "
+                     f"nor encoder ({sorted(ENCODERS)})")
+
+
+def load_model_config(spec: str, vocab_size: int, special_ids: dict[str, int]):
+    """Resolve --model: a preset name, a config JSON file, or an HF folder with config.json.
+
+    Returns (config, checkpoint_dir or None). Fresh configs take the tokenizer's vocabulary size;
+    a checkpoint must already match it (its embeddings were trained for its own vocabulary).
+    """
+    from transformers import AutoConfig
+
+    checkpoint = None
+    if spec in PRESETS:
+        args = dict(PRESETS[spec])
+    elif os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                args = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+        if "model_type" not in args:
+            raise ValueError(f"{spec}: a model config needs a \"model_type\" (e.g. \"llama\", \"gpt2\", \"bert\")")
+    elif os.path.isfile(os.path.join(spec, "config.json")):
+        checkpoint = spec
+        args = json.load(open(os.path.join(spec, "config.json"), encoding="utf-8"))
+    else:
+        raise ValueError(f"--model {spec!r}: not a preset ({', '.join(PRESETS)}), a config JSON file, "
+                         "or a folder with config.json")
+
+    model_type = args.pop("model_type")
+    if checkpoint is None:
+        given = args.get("vocab_size")
+        if given is not None and given < vocab_size:
+            raise ValueError(f"--model {spec}: vocab_size {given} is smaller than the tokenizer's {vocab_size}; "
+                             "remove vocab_size from the config (it is taken from the tokenizer)")
+        args["vocab_size"] = given or vocab_size
+        args.update({k: v for k, v in special_ids.items() if v is not None and v >= 0})
+        config = AutoConfig.for_model(model_type, **args)
+    else:
+        config = AutoConfig.from_pretrained(checkpoint)
+        if config.vocab_size < vocab_size:
+            raise ValueError(f"--model {spec}: its vocabulary has {config.vocab_size} entries but the data's "
+                             f"tokenizer has {vocab_size}; prepare the data with this model's tokenizer "
+                             f"(python -m pipeline.prepare --tokenizer {spec} ...)")
+    return config, checkpoint
+
+
+def build_model(spec: str, objective: str, vocab_size: int, special_ids: dict[str, int]):
+    """A trainable model for `objective` ('clm' or 'mlm'): fresh weights from a preset/config JSON,
+    or the weights of an HF checkpoint folder (continued pretraining)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config, checkpoint = load_model_config(spec, vocab_size, special_ids)
+    natural = _objective_for(config.model_type)
+    if natural != objective:
+        kind = "decoder" if natural == "clm" else "encoder"
+        raise ValueError(f"--model {spec} is a {kind} ({config.model_type}); it trains with "
+                         f"--objective {natural}, not {objective}")
+    config.use_cache = False
+    cls = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+    if checkpoint:
+        return cls.from_pretrained(checkpoint, config=config, attn_implementation="sdpa", dtype="float32")
+    return cls.from_config(config, attn_implementation="sdpa")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when unbounded)."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None

@@ -1,0 +1,68 @@
+"""Shared fixtures: a prepared corpus (Python's own help topics, real English that ships with CPython),
+the repository root, and a runner for stage commands under the real `deepspeed` launcher."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def help_topics_jsonl(path, paragraphs_per_doc=6):
+    """Python's help topics as documents of a few paragraphs each (~460 documents, ~450 KB)."""
+    import pydoc_data.topics
+
+    with open(path, "w", encoding="utf-8") as f:
+        for topic, text in sorted(pydoc_data.topics.topics.items()):
+            paras = text.split("\n\n")
+            for i in range(0, len(paras), paragraphs_per_doc):
+                f.write(json.dumps({"text": "\n\n".join(paras[i:i + paragraphs_per_doc]), "topic": topic}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A prepared data folder (vocab 1000) shared by the training tests."""
+    from pipeline import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = help_topics_jsonl(root / "corpus.jsonl")
+    out = root / "data"
+    prepare.main(["--input", str(corpus), "--output", str(out), "--vocab-size", "1000",
+                  "--valid-fraction", "0.05", "--test-fraction", "0.05"])
+    return str(out)
+
+
+def run_stage(script: str, args: list[str], ranks: int = 2, timeout: int = 900, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS pipeline/SCRIPT ARGS` (ranks=0: one plain `python -m` process)."""
+    if ranks == 0:
+        cmd = [sys.executable, "-m", "pipeline." + script.removesuffix(".py"), *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               os.path.join("pipeline", script), *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
+    r = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n"
+                             f"--- stderr\n{r.stderr[-6000:]}")
+    return r
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    """step -> value of one TensorBoard scalar from a run's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

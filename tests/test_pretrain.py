@@ -1,0 +1,142 @@
+"""End-to-end pretraining on CPU: 2 gloo ranks under the real deepspeed launcher, tiny models."""
+import json
+import math
+import os
+
+import pytest
+
+from tests.conftest import REPO, run_stage, scalars
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+def config_path(name):
+    return os.path.join(REPO, "ds_configs", name)
+
+
+def pretrain(prepared, run, config="zero2.json", ranks=2, steps=STEPS, extra=(), check=True):
+    args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", config_path(config) if "/" not in config else config,
+            "--output", str(run), "--train-steps", str(steps), "--seq-length", "64", "--log-interval", "1",
+            "--eval-interval", "6", "--eval-batches", "2", "--save-interval", "6", "--seed", "3", *extra]
+    return run_stage("pretrain.py", args, ranks=ranks, check=check)
+
+
+def losses(run):
+    return [v for _, v in sorted(scalars(run, "Train/loss").items())]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "zero2"
+    pretrain(prepared, run)
+    return run
+
+
+def test_zero2_trains_and_writes_the_run_folder(zero2_run):
+    summary = json.load(open(zero2_run / "summary.json"))
+    assert summary["steps"] == STEPS and summary["world_size"] == 2 and summary["zero_stage"] == 2
+    assert summary["precision"] == "bf16" and summary["pipeline_stages"] == 1
+    assert summary["tokens_per_sec"] > 0 and math.isclose(summary["eval_ppl"], math.exp(summary["eval_loss"]), rel_tol=1e-6)
+    curve = losses(zero2_run)
+    assert len(curve) == STEPS and curve[-1] < curve[0] - 0.5  # the loss falls
+    assert abs(summary["train_loss"] - curve[-1]) < 1e-6
+    for tag in ("Train/lr", "Train/grad_norm", "Train/tokens_per_sec", "Eval/loss", "Eval/ppl"):
+        assert scalars(zero2_run, tag), tag
+    ds = json.load(open(zero2_run / "ds_config.json"))
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert open(zero2_run / "checkpoints" / "latest").read() == f"global_step{STEPS}"
+    assert sorted(os.listdir(zero2_run / "checkpoints")) == ["global_step12", "global_step6", "latest"]
+
+
+def test_export_reloads_with_transformers_and_reproduces_eval_loss(zero2_run, prepared):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data import TokenShards
+    from pipeline.data.packing import PackedWindows
+
+    summary = json.load(open(zero2_run / "summary.json"))
+    model = AutoModelForCausalLM.from_pretrained(zero2_run / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(zero2_run / "hf")
+    assert tok.eos_token_id == 3
+    windows = PackedWindows(TokenShards(prepared, "valid"), 64, eos_id=3)
+    n = min(len(windows), 2 * 4 * 2)  # eval_batches x micro x ranks, as the run evaluated
+    ids = torch.from_numpy(np.stack([windows[k] for k in range(n)]))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(loss - summary["eval_loss"]) < 0.02 * summary["eval_loss"]
+
+
+def test_zero_stages_give_the_same_losses(zero2_run, prepared, tmp_path):
+    reference = losses(zero2_run)
+    for config in ("zero0.json", "zero3.json"):
+        pretrain(prepared, tmp_path / config, config=config, steps=6, extra=["--save-interval", "0"])
+        other = losses(tmp_path / config)
+        assert len(other) == 6
+        assert max(abs(a - b) for a, b in zip(reference, other)) < 0.02, (config, reference, other)
+
+
+def test_offload_trains(prepared, tmp_path):
+    pretrain(prepared, tmp_path / "off", config="zero2_offload.json", steps=6, extra=["--save-interval", "0"])
+    curve = losses(tmp_path / "off")
+    assert len(curve) == 6 and curve[-1] < curve[0]
+
+
+def test_resume_continues_the_uninterrupted_loss_curve(zero2_run, prepared, tmp_path):
+    # A schedule of fixed length so that stopping early changes nothing but where the run stops.
+    ds = json.load(open(config_path("zero2.json")))
+    ds["scheduler"]["params"]["total_num_steps"] = STEPS
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps(ds))
+    full = tmp_path / "full"
+    pretrain(prepared, full, config=str(fixed))
+    part = tmp_path / "part"
+    pretrain(prepared, part, config=str(fixed), steps=6)
+    r = pretrain(prepared, part, config=str(fixed))
+    assert "resumed from" in r.stdout and "at step 6" in r.stdout
+    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+
+
+def test_one_process_without_launcher_and_fp16_falls_back_to_bf16(prepared, tmp_path):
+    r = pretrain(prepared, tmp_path / "one", config="zero1_fp16.json", ranks=0, steps=4, extra=["--save-interval", "0"])
+    assert "fp16" in r.stderr and "bf16" in r.stderr
+    summary = json.load(open(tmp_path / "one" / "summary.json"))
+    assert summary["world_size"] == 1 and summary["precision"] == "bf16" and summary["steps"] == 4
+
+
+def test_masked_lm_trains_and_exports(prepared, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    run = tmp_path / "mlm"
+    args = ["--data", prepared, "--model", "bert-tiny", "--objective", "mlm", "--deepspeed_config",
+            config_path("zero1.json"), "--output", str(run), "--train-steps", "10", "--seq-length", "64",
+            "--log-interval", "1", "--eval-interval", "0", "--save-interval", "0", "--eval-batches", "2"]
+    run_stage("pretrain.py", args, ranks=0)
+    curve = losses(run)
+    assert curve[-1] < curve[0]
+    assert AutoModelForMaskedLM.from_pretrained(run / "hf").config.model_type == "bert"
+
+
+def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path):
+    r = pretrain(prepared, tmp_path / "dry", ranks=0, extra=["--dry-run"])
+    assert "train_batch_size" in r.stdout and "parameters" in r.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no-such-preset"], "not a preset"),
+    (["--seq-length", "4096"], "above the model's maximum"),
+    (["--objective", "mlm"], "trains with --objective clm"),
+])
+def test_bad_input_fails_before_start(prepared, tmp_path, extra, message):
+    r = pretrain(prepared, tmp_path / "bad", ranks=0, extra=extra, check=False)
+    assert r.returncode != 0 and message in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    r = run_stage("pretrain.py", ["--data", str(tmp_path / "nope"), "--deepspeed_config", config_path("zero0.json"),
+                                  "--output", str(tmp_path / "run"), "--train-steps", "1"], ranks=0, check=False)
+    assert r.returncode == 2 and "prepare it first" in r.stderr
