@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 
@@ -69,18 +70,26 @@ def setup() -> Dist:
         torch.cuda.set_device(local_rank)
 
     import deepspeed
+    from deepspeed.utils import logger
 
+    # DeepSpeed logs every config value at INFO on every rank; the stage prints what matters.
+    # DS_LOG_LEVEL=info brings it back for debugging.
+    logger.setLevel(os.environ.get("DS_LOG_LEVEL", "warning").upper())
+    # torch 2.13 deprecates the collective names DeepSpeed 0.19 still calls, once per call site and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(verbose=False)
     return Dist(rank, world, local_rank, local_size, accelerator)
 
 
-def teardown() -> None:
+def teardown(success: bool = True) -> None:
     """Destroy the process group: without it rank 0 sometimes aborts at exit with
-    'terminate called without an active exception' (exit 250) after a good run."""
+    'terminate called without an active exception' (exit 250) after a good run.
+    After a failure there is no barrier: the other ranks may never reach it."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if success:
+            dist.barrier()
         dist.destroy_process_group()
 
 

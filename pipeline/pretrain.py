@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     from pipeline import config as dsconf
     from pipeline.distributed import detect_accelerator
-    from pipeline.models import build_model, load_model_config, max_positions
+    from pipeline.models import build_model, check_objective, load_model_config, max_positions
 
     # Everything that can be wrong with the inputs is found here, before any process group starts.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_data_folders(args.data)
     special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     model_config, _ = load_model_config(args.model, tokenizer.vocab_size, special)
+    check_objective(model_config, args.objective, args.model)
     limit = max_positions(model_config)
     if limit is not None and args.seq_length > limit:
         raise ValueError(f"--seq-length {args.seq_length} is above the model's maximum of {limit} positions")
@@ -230,6 +231,7 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
     from pipeline.training import LoopSettings, resume, train
 
     dist = setup()
+    finished = False
     try:
         if dist.is_main:
             os.makedirs(args.output, exist_ok=True)
@@ -268,9 +270,10 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
         if dist.is_main:
             write_json(os.path.join(args.output, "summary.json"), summary)
             monitor.print(f"done: {json.dumps({k: summary[k] for k in ('steps', 'train_loss', 'eval_loss', 'eval_ppl', 'tokens_per_sec')})}")
+        finished = True
         return summary
     finally:
-        teardown()
+        teardown(success=finished)
 
 
 def param_groups(model) -> list[dict]:
@@ -282,8 +285,10 @@ def param_groups(model) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from pipeline.training import NonFiniteLoss
+
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         sys.exit(2)

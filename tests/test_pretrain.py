@@ -15,8 +15,21 @@ def config_path(name):
     return os.path.join(REPO, "ds_configs", name)
 
 
-def pretrain(prepared, run, config="zero2.json", ranks=2, steps=STEPS, extra=(), check=True):
-    args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", config_path(config) if "/" not in config else config,
+def fast_config(name, tmp_path, fp32=False, **scheduler):
+    """A shipped config with a learning rate for a tiny model on a dozen steps (the shipped 3e-4
+    suits real runs; here the loss must visibly fall in 12 steps), optionally in fp32."""
+    ds = json.load(open(config_path(name)))
+    ds["optimizer"]["params"]["lr"] = 3e-3
+    ds["scheduler"]["params"].update(scheduler)
+    if fp32:
+        ds["bf16"] = {"enabled": False}
+    path = tmp_path / f"fast_{'fp32_' if fp32 else ''}{name}"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def pretrain(prepared, run, config, ranks=2, steps=STEPS, extra=(), check=True):
+    args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", config,
             "--output", str(run), "--train-steps", str(steps), "--seq-length", "64", "--log-interval", "1",
             "--eval-interval", "6", "--eval-batches", "2", "--save-interval", "6", "--seed", "3", *extra]
     return run_stage("pretrain.py", args, ranks=ranks, check=check)
@@ -28,9 +41,10 @@ def losses(run):
 
 @pytest.fixture(scope="module")
 def zero2_run(prepared, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "zero2"
-    pretrain(prepared, run)
-    return run
+    root = tmp_path_factory.mktemp("runs")
+    # total_num_steps fixed (not "auto") so that the resume test can stop early on the same schedule.
+    pretrain(prepared, root / "zero2", fast_config("zero2.json", root, total_num_steps=STEPS, warmup_num_steps=2))
+    return root / "zero2"
 
 
 def test_zero2_trains_and_writes_the_run_folder(zero2_run):
@@ -46,7 +60,8 @@ def test_zero2_trains_and_writes_the_run_folder(zero2_run):
     ds = json.load(open(zero2_run / "ds_config.json"))
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
     assert open(zero2_run / "checkpoints" / "latest").read() == f"global_step{STEPS}"
-    assert sorted(os.listdir(zero2_run / "checkpoints")) == ["global_step12", "global_step6", "latest"]
+    assert sorted(d for d in os.listdir(zero2_run / "checkpoints") if not d.endswith(".py")) == [
+        "global_step12", "global_step6", "latest"]
 
 
 def test_export_reloads_with_transformers_and_reproduces_eval_loss(zero2_run, prepared):
@@ -69,38 +84,40 @@ def test_export_reloads_with_transformers_and_reproduces_eval_loss(zero2_run, pr
     assert abs(loss - summary["eval_loss"]) < 0.02 * summary["eval_loss"]
 
 
-def test_zero_stages_give_the_same_losses(zero2_run, prepared, tmp_path):
-    reference = losses(zero2_run)
-    for config in ("zero0.json", "zero3.json"):
-        pretrain(prepared, tmp_path / config, config=config, steps=6, extra=["--save-interval", "0"])
-        other = losses(tmp_path / config)
-        assert len(other) == 6
-        assert max(abs(a - b) for a, b in zip(reference, other)) < 0.02, (config, reference, other)
+def test_zero_stages_give_the_same_losses(prepared, tmp_path):
+    # In fp32 the stages differ only in reduction order, so the curves agree tightly; in bf16 the
+    # gradients are reduced in bf16 by ZeRO-1/2/3 and in fp32 by ZeRO-0, and at this learning rate
+    # the curves drift apart by a few hundredths within 6 steps.
+    curves = {}
+    for config in ("zero0.json", "zero2.json", "zero3.json"):
+        cfg = fast_config(config, tmp_path, fp32=True, total_num_steps=STEPS, warmup_num_steps=2)
+        pretrain(prepared, tmp_path / config, cfg, steps=6, extra=["--save-interval", "0"])
+        curves[config] = losses(tmp_path / config)
+        assert len(curves[config]) == 6 and curves[config][-1] < curves[config][0]
+    for config, curve in curves.items():
+        assert curve == pytest.approx(curves["zero0.json"], abs=1e-3), curves
 
 
 def test_offload_trains(prepared, tmp_path):
-    pretrain(prepared, tmp_path / "off", config="zero2_offload.json", steps=6, extra=["--save-interval", "0"])
+    pretrain(prepared, tmp_path / "off", fast_config("zero2_offload.json", tmp_path), steps=6,
+             extra=["--save-interval", "0"])
     curve = losses(tmp_path / "off")
     assert len(curve) == 6 and curve[-1] < curve[0]
 
 
 def test_resume_continues_the_uninterrupted_loss_curve(zero2_run, prepared, tmp_path):
-    # A schedule of fixed length so that stopping early changes nothing but where the run stops.
-    ds = json.load(open(config_path("zero2.json")))
-    ds["scheduler"]["params"]["total_num_steps"] = STEPS
-    fixed = tmp_path / "fixed.json"
-    fixed.write_text(json.dumps(ds))
-    full = tmp_path / "full"
-    pretrain(prepared, full, config=str(fixed))
+    # The same schedule as the uninterrupted zero2_run; this run stops at step 6, then resumes.
+    fixed = fast_config("zero2.json", tmp_path, total_num_steps=STEPS, warmup_num_steps=2)
     part = tmp_path / "part"
-    pretrain(prepared, part, config=str(fixed), steps=6)
-    r = pretrain(prepared, part, config=str(fixed))
+    pretrain(prepared, part, fixed, steps=6)
+    r = pretrain(prepared, part, fixed)
     assert "resumed from" in r.stdout and "at step 6" in r.stdout
-    assert losses(part) == pytest.approx(losses(full), abs=1e-6)
+    assert losses(part) == pytest.approx(losses(zero2_run), abs=1e-6)
 
 
 def test_one_process_without_launcher_and_fp16_falls_back_to_bf16(prepared, tmp_path):
-    r = pretrain(prepared, tmp_path / "one", config="zero1_fp16.json", ranks=0, steps=4, extra=["--save-interval", "0"])
+    r = pretrain(prepared, tmp_path / "one", config_path("zero1_fp16.json"), ranks=0, steps=4,
+                 extra=["--save-interval", "0"])
     assert "fp16" in r.stderr and "bf16" in r.stderr
     summary = json.load(open(tmp_path / "one" / "summary.json"))
     assert summary["world_size"] == 1 and summary["precision"] == "bf16" and summary["steps"] == 4
@@ -111,7 +128,7 @@ def test_masked_lm_trains_and_exports(prepared, tmp_path):
 
     run = tmp_path / "mlm"
     args = ["--data", prepared, "--model", "bert-tiny", "--objective", "mlm", "--deepspeed_config",
-            config_path("zero1.json"), "--output", str(run), "--train-steps", "10", "--seq-length", "64",
+            fast_config("zero1.json", tmp_path), "--output", str(run), "--train-steps", "10", "--seq-length", "64",
             "--log-interval", "1", "--eval-interval", "0", "--save-interval", "0", "--eval-batches", "2"]
     run_stage("pretrain.py", args, ranks=0)
     curve = losses(run)
@@ -120,7 +137,7 @@ def test_masked_lm_trains_and_exports(prepared, tmp_path):
 
 
 def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path):
-    r = pretrain(prepared, tmp_path / "dry", ranks=0, extra=["--dry-run"])
+    r = pretrain(prepared, tmp_path / "dry", config_path("zero2.json"), ranks=0, extra=["--dry-run"])
     assert "train_batch_size" in r.stdout and "parameters" in r.stdout
     assert not (tmp_path / "dry").exists()
 
@@ -131,7 +148,7 @@ def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path):
     (["--objective", "mlm"], "trains with --objective clm"),
 ])
 def test_bad_input_fails_before_start(prepared, tmp_path, extra, message):
-    r = pretrain(prepared, tmp_path / "bad", ranks=0, extra=extra, check=False)
+    r = pretrain(prepared, tmp_path / "bad", config_path("zero2.json"), ranks=0, extra=extra, check=False)
     assert r.returncode != 0 and message in r.stderr
     assert not (tmp_path / "bad").exists()
 

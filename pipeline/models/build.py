@@ -11,13 +11,18 @@ import os
 from pipeline.models.presets import DECODERS, ENCODERS, PRESETS
 
 
-def _objective_for(model_type: str) -> str:
-    if model_type in DECODERS:
-        return "clm"
-    if model_type in ENCODERS:
-        return "mlm"
-    raise ValueError(f"model type {model_type!r} is neither a known decoder ({sorted(DECODERS)}) "
-                     f"nor encoder ({sorted(ENCODERS)})")
+def check_objective(config, objective: str, spec: str) -> None:
+    """Decoders pretrain with clm, encoders with mlm; anything else is a clear error."""
+    if config.model_type in DECODERS:
+        natural, kind = "clm", "decoder"
+    elif config.model_type in ENCODERS:
+        natural, kind = "mlm", "encoder"
+    else:
+        raise ValueError(f"--model {spec}: model type {config.model_type!r} is neither a known decoder "
+                         f"({sorted(DECODERS)}) nor encoder ({sorted(ENCODERS)})")
+    if natural != objective:
+        raise ValueError(f"--model {spec} is a {kind} ({config.model_type}); it trains with "
+                         f"--objective {natural}, not {objective}")
 
 
 def load_model_config(spec: str, vocab_size: int, special_ids: dict[str, int]):
@@ -70,11 +75,7 @@ def build_model(spec: str, objective: str, vocab_size: int, special_ids: dict[st
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     config, checkpoint = load_model_config(spec, vocab_size, special_ids)
-    natural = _objective_for(config.model_type)
-    if natural != objective:
-        kind = "decoder" if natural == "clm" else "encoder"
-        raise ValueError(f"--model {spec} is a {kind} ({config.model_type}); it trains with "
-                         f"--objective {natural}, not {objective}")
+    check_objective(config, objective, spec)
     config.use_cache = False
     cls = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
     if checkpoint:

@@ -1,0 +1,73 @@
+"""Export any checkpoint of a run to the HuggingFace format (what every stage writes to RUN/hf/ at its end).
+
+    python tools/export_checkpoint.py runs/tiny                          # RUN/checkpoints/latest -> RUN/hf
+    python tools/export_checkpoint.py runs/tiny --tag global_step100 --output exports/step100
+
+Reads RUN/args.json for the model and data the run used, consolidates the fp32 master weights of a
+ZeRO 1/2/3 (or bf16) checkpoint with DeepSpeed's own zero_to_fp32 logic, or takes the module
+weights of a plain fp32 checkpoint, and writes safetensors + config + the HF tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from pipeline.data.tokenizer import Tokenizer  # noqa: E402
+from pipeline.export import save_hf  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.training import latest_tag  # noqa: E402
+
+
+def checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from one checkpoint tag, whatever ZeRO stage wrote it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = os.path.join(checkpoint_dir, tag)
+    if any(name.endswith("optim_states.pt") for name in os.listdir(folder)):
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    # ZeRO-0 in fp32: the module's weights are in the model-states file.
+    path = os.path.join(folder, "mp_rank_00_model_states.pt")
+    return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run folder (with args.json and checkpoints/)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. global_step100 (default: the one `latest` names)")
+    p.add_argument("--output", help="output folder (default: RUN/hf)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
+    args = p.parse_args(argv)
+
+    run_args_path = os.path.join(args.run, "args.json")
+    if not os.path.isfile(run_args_path):
+        p.error(f"{run_args_path}: missing; is {args.run} a run folder written by a pipeline stage?")
+    run_args = json.load(open(run_args_path, encoding="utf-8"))
+    checkpoint_dir = os.path.join(args.run, "checkpoints")
+    tag = args.tag or latest_tag(checkpoint_dir)
+    if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
+        p.error(f"{checkpoint_dir}: no checkpoint {tag or '(no latest)'}")
+
+    tokenizer = Tokenizer.load(run_args["data"][0])
+    special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    model = build_model(run_args["model"], run_args["objective"], tokenizer.vocab_size, special)
+    missing, unexpected = model.load_state_dict(checkpoint_state_dict(checkpoint_dir, tag), strict=False)
+    tied = {k for k in missing if model.config.tie_word_embeddings and "lm_head" in k or "decoder" in k}
+    if set(missing) - tied or unexpected:
+        raise SystemExit(f"export: checkpoint {tag} does not match the model {run_args['model']}: "
+                         f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
+    output = args.output or os.path.join(args.run, "hf")
+    save_hf(model, tokenizer, output)
+    print(f"exported {checkpoint_dir}/{tag} -> {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
