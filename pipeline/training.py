@@ -162,7 +162,7 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
         is_save = settings.save_interval > 0 and step % settings.save_interval == 0
         if is_log or is_eval or is_save:
             if int(first_bad) >= 0:
-                raise NonFiniteLoss(f"the training loss became {float(recent / accum)} at step {int(first_bad)}: "
+                raise NonFiniteLoss(f"the training loss was not finite ({float(recent / accum)}) at step {int(first_bad)}: "
                                     "lower the learning rate, raise warmup, check the data, or use bf16 instead of fp16")
         if is_log:
             _sync(device)
@@ -181,7 +181,9 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
             scalars = {"Train/loss": last["train_loss"], "Train/lr": lr, "Train/grad_norm": last["grad_norm"],
                        "Train/tokens_per_sec": tokens_per_sec, "Train/tflops": perf["tflops"],
                        "Train/mfu": perf["mfu"], "Train/memory_gb": memory_gb(device)}
-            scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None
+            # FP16_Optimizer calls it cur_scale, the ZeRO optimizers loss_scale.
+            scale = (getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+                     if engine.fp16_enabled() else None)
             if scale is not None:
                 scalars["Train/loss_scale"] = float(scale)
             monitor.scalars(step, scalars)

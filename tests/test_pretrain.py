@@ -94,7 +94,7 @@ def test_zero_stages_give_the_same_losses(prepared, tmp_path):
         pretrain(prepared, tmp_path / config, cfg, steps=6, extra=["--save-interval", "0"])
         curves[config] = losses(tmp_path / config)
         assert len(curves[config]) == 6 and curves[config][-1] < curves[config][0]
-    for config, curve in curves.items():
+    for curve in curves.values():
         assert curve == pytest.approx(curves["zero0.json"], abs=1e-3), curves
 
 
@@ -157,3 +157,35 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     r = run_stage("pretrain.py", ["--data", str(tmp_path / "nope"), "--deepspeed_config", config_path("zero0.json"),
                                   "--output", str(tmp_path / "run"), "--train-steps", "1"], ranks=0, check=False)
     assert r.returncode == 2 and "prepare it first" in r.stderr
+
+
+def test_non_finite_loss_stops_the_run_with_the_step(prepared, tmp_path):
+    ds = json.load(open(config_path("zero0.json")))
+    ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e30, "warmup_max_lr": 1e30, "warmup_num_steps": 1}}
+    (tmp_path / "explode.json").write_text(json.dumps(ds))
+    r = pretrain(prepared, tmp_path / "nan", str(tmp_path / "explode.json"), ranks=0, steps=8,
+                 extra=["--log-interval", "4", "--save-interval", "0"], check=False)
+    assert r.returncode == 2 and "not finite" in r.stderr and "at step 2" in r.stderr
+    assert not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_export_tool_writes_any_checkpoint_as_hf(zero2_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "step6"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(zero2_run),
+                    "--tag", "global_step6", "--output", str(out)], check=True, capture_output=True)
+    final = tmp_path / "step12"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(zero2_run),
+                    "--output", str(final)], check=True, capture_output=True)
+    ids = torch.arange(64).reshape(1, 64) + 10
+    with torch.no_grad():
+        logits = {p.name: AutoModelForCausalLM.from_pretrained(p).float()(input_ids=ids).logits
+                  for p in (out, final, zero2_run / "hf")}
+    # The run's own export holds the bf16 weights it trained with; the tool's the fp32 masters.
+    assert torch.allclose(logits["step12"], logits["hf"], atol=0.1)
+    assert not torch.allclose(logits["step6"], logits["step12"], atol=0.1)

@@ -59,7 +59,10 @@ def load_model_config(spec: str, vocab_size: int, special_ids: dict[str, int]):
                              "remove vocab_size from the config (it is taken from the tokenizer)")
         args["vocab_size"] = given or vocab_size
         args.update({k: v for k, v in special_ids.items() if v is not None and v >= 0})
-        config = AutoConfig.for_model(model_type, **args)
+        try:
+            config = AutoConfig.for_model(model_type, **args)
+        except Exception as e:  # transformers validates fields with its own exception types
+            raise ValueError(f"--model {spec}: not a valid {model_type!r} config: {e}") from None
     else:
         config = AutoConfig.from_pretrained(checkpoint)
         if config.vocab_size < vocab_size:
