@@ -38,15 +38,17 @@ def _base_type(annotation) -> tuple[type, bool]:
     return annotation, False
 
 
-def build_parser(cls, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
         names = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         kind, is_list = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = meta["help"] + ("" if meta.get("required") or default in (None, False, []) else f" (default: {default})")
+        shown = not (meta.get("required") or default is None or default is False or default == [])
+        help_text = meta["help"] + (f" (default: {default})" if shown else "")
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
@@ -59,6 +61,9 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse(cls, argv: list[str] | None, description: str):
-    ns = build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv)
+def to_dataclass(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def parse(cls, argv: list[str] | None, description: str):
+    return to_dataclass(cls, build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv))

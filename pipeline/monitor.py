@@ -4,11 +4,11 @@ memory, and the run's `summary.json`.
 """
 from __future__ import annotations
 
-import json
-import os
 import resource
 
 import torch
+
+from pipeline.files import write_json  # noqa: F401  (stages import it from here too)
 
 # Dense bf16/fp16 tensor-core peaks, FLOP/s, by substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -69,12 +69,3 @@ class Monitor:
     def print(self, text: str) -> None:
         if self.is_main:
             print(text, flush=True)
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, cli
 from pipeline.data.readers import (
     TXT_MODES,
     BadLines,
@@ -65,6 +65,7 @@ from pipeline.data.readers import (
 from pipeline.data.shards import VERSION as SHARD_VERSION
 from pipeline.data.shards import ShardWriter, token_dtype
 from pipeline.data.tokenizer import MODEL_TYPES, SP_MODEL_FILE, Tokenizer, TokenizerError, describe
+from pipeline.files import publish_folder, write_json
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -81,10 +82,11 @@ class PrepareArgs:
     """Arguments of the prepare stage; each field's help is its documentation (`--help` prints it)."""
 
     input: list[str] = field(default_factory=list, metadata={
-        "help": "Input files, folders (HF datasets from save_to_disk) or globs ('raw/**/*.jsonl', quote them). "
+        "required": True, "metavar": "FILE", "help": "Input files, folders (HF datasets from save_to_disk) or globs ('raw/**/*.jsonl', quote them). "
                 "Formats by extension: .jsonl/.ndjson/.json, .txt/.text/.md, .csv, .tsv, .parquet (.gz allowed "
                 "for the text formats)."})
-    output: str = field(default="", metadata={"help": "Output folder for the tokenizer, shards and manifests."})
+    output: str = field(default="", metadata={
+        "required": True, "metavar": "DIR", "help": "Output folder for the tokenizer, shards and manifests."})
     vocab_size: int | None = field(default=None, metadata={
         "metavar": "N", "help": "Train a SentencePiece tokenizer with this many pieces (at least 263: 256 byte pieces, 6 special "
                 "pieces and one learned). Give this or --tokenizer."})
@@ -127,33 +129,13 @@ class PrepareArgs:
     quiet: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
-# The annotations of PrepareArgs, as strings (postponed evaluation), to the argparse converter for each.
-_ARG_TYPES = {"int": int, "int | None": int, "float": float, "str": str, "str | None": str}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(PrepareArgs):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(f.metadata)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", **kwargs)
-        elif f.name == "input":
-            parser.add_argument(flag, nargs="+", required=True, metavar="FILE", **kwargs)
-        elif f.name == "output":
-            parser.add_argument(flag, required=True, metavar="DIR", **kwargs)
-        else:
-            if f.default is not None and f.default is not dataclasses.MISSING:  # not for computed defaults
-                kwargs["help"] += f" (default: {default})"
-            parser.add_argument(flag, type=_ARG_TYPES[str(f.type)], default=default, **kwargs)
-    return parser
+    return cli.build_parser(PrepareArgs, __doc__, prog="python -m pipeline.prepare")
 
 
 def parse_args(argv: list[str] | None = None) -> PrepareArgs:
     parser = build_parser()
-    args = PrepareArgs(**vars(parser.parse_args(argv)))
+    args = cli.to_dataclass(PrepareArgs, parser.parse_args(argv))
     if (args.vocab_size is None) == (args.tokenizer is None):
         parser.error("give exactly one of --vocab-size N (train a tokenizer) and --tokenizer PATH (use one)")
     if not (0 <= args.valid_fraction < 1 and 0 <= args.test_fraction < 1
@@ -273,9 +255,9 @@ def prepare(args: PrepareArgs) -> dict:
             "args": dataclasses.asdict(args),
             "created_by": {"pipeline": __version__, "python": sys.version.split()[0]},
         }
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
-        _write_json(os.path.join(tmp, "summary.json"), summary)  # last: its presence marks a finished folder
-        _publish(tmp, output)
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
+        write_json(os.path.join(tmp, "summary.json"), summary)  # last: its presence marks a finished folder
+        publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,23 +289,6 @@ def _make_temporary_sibling(output: str) -> str:
         return tmp
     except OSError as e:
         raise PrepareError(f"{output}: cannot write the output folder there ({e.strerror or e})") from None
-
-
-def _publish(tmp: str, output: str) -> None:
-    """Move the finished folder into place; an existing one is moved aside first and removed after."""
-    if os.path.lexists(output):
-        old = tmp[:-len(".tmp")] + ".old"
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def _documents(args: PrepareArgs, paths: list[str], bad_lines: BadLines | None) -> Iterator[Document]:

@@ -1,0 +1,31 @@
+"""Writing results so that nothing half-written ever looks complete: temporary name, then rename.
+
+Light on purpose (standard library only): the prepare stage imports it without torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+
+def write_json(path: str, data: dict) -> None:
+    """JSON written under a temporary name and renamed: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def publish_folder(tmp: str, output: str) -> None:
+    """Move the finished folder `tmp` to `output`. An existing `output` is moved aside first and removed
+    after, so at every moment `output` is either the old complete folder or the new one."""
+    if os.path.lexists(output):
+        old = output.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, output)
