@@ -12,6 +12,8 @@ One node, N ranks:
         --deepspeed_config ds_configs/zero2.json --output runs/tiny --train-steps 200
 Several nodes (see hostfiles/ and the README's multi-node section):
     deepspeed --hostfile hostfiles/two_nodes pipeline/pretrain.py ... (same flags)
+Pipeline parallel (a config with a `pipeline` block, e.g. 2 stages x 2 data-parallel replicas on 4 ranks):
+    deepspeed --num_gpus 4 pipeline/pretrain.py ... --deepspeed_config ds_configs/pipe2.json
 
 Rerunning the same command resumes from RUN/checkpoints/latest. The run folder ends with
 ds_config.json, args.json, summary.json, tensorboard/, checkpoints/ and hf/ (a HuggingFace model).
@@ -101,8 +103,10 @@ class PretrainTask:
     def __init__(self, args: Args, tokenizer, engine, dp_rank: int, dp_size: int):
         from pipeline.data import TokenShards
         from pipeline.data.packing import BlendedSampler, PackedWindows
+        from pipeline.training import is_pipeline_engine
 
         self.args, self.tokenizer, self.device = args, tokenizer, engine.device
+        self.pipelined = is_pipeline_engine(engine)
         self.micro = engine.train_micro_batch_size_per_gpu()
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.tokens_per_step = engine.train_batch_size() * args.seq_length
@@ -139,6 +143,12 @@ class PretrainTask:
     def loss(self, engine, batch: dict):
         return engine(**batch).loss
 
+    def micro_batches(self):
+        """For the pipeline engine: this replica's micro-batches as (input_ids, labels), endlessly."""
+        while True:
+            batch = self.next_batch()
+            yield batch["input_ids"], batch["labels"]
+
     def evaluate(self, engine, split: str) -> dict[str, float]:
         """Mean loss over the first eval_batches x micro x dp windows of the split (all folders),
         weighted by label tokens; every rank runs the same number of forward passes (ZeRO-3 needs it)."""
@@ -148,6 +158,9 @@ class PretrainTask:
         pool = pool[:self.args.eval_batches * self.micro * self.dp_size]
         if not pool:
             return {}
+        if self.pipelined:
+            loss = self._pipeline_eval_loss(engine, split, pool)
+            return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         mine = pool[self.dp_rank::self.dp_size]
         batches = math.ceil(math.ceil(len(pool) / self.dp_size) / self.micro)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of loss x tokens, tokens)
@@ -171,6 +184,29 @@ class PretrainTask:
         loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
+    def _pipeline_eval_loss(self, engine, split: str, pool: list[tuple[int, int]]) -> float:
+        """The same token-weighted mean as the plain path, through engine.eval_batch: it averages the
+        micro-batch losses over micro-batches and replicas, so each micro-batch's loss is its summed
+        token loss / n (labels passed as (labels, n)), n = label tokens of the pool / (micro-batches x
+        replicas). Every micro-batch is full (the pipeline's buffers have one shape): a short one is
+        padded with windows whose labels are all -100, which add nothing."""
+        import torch
+
+        mine = pool[self.dp_rank::self.dp_size]
+        batches = math.ceil(math.ceil(len(pool) / self.dp_size) / self.micro)
+        n = torch.tensor(len(pool) * (self.args.seq_length - 1) / (batches * self.dp_size), dtype=torch.float32)
+
+        def micro_batches():
+            for b in range(batches):
+                chunk = mine[b * self.micro:(b + 1) * self.micro]
+                windows = [self.eval_windows[split][d][k] for d, k in chunk + pool[:1] * (self.micro - len(chunk))]
+                ids = torch.from_numpy(np.stack(windows)).to(self.device)
+                labels = ids.clone()
+                labels[len(chunk):] = -100
+                yield ids, (labels, n)
+
+        return float(engine.eval_batch(micro_batches(), num_micro_batches=batches))
+
     def state(self) -> dict:
         return self.sampler.state()
 
@@ -186,6 +222,11 @@ def dry_run(args: Args, model, ds_config: dict, world_size: int) -> None:
     print(f"model: {args.model} ({model.config.model_type}), {params:,} parameters, objective {args.objective}")
     print(f"batch: train_batch_size {ds_config['train_batch_size']} = micro {micro} x accumulation {accum} x "
           f"data-parallel {dp} (world {world_size}); {ds_config['train_batch_size'] * args.seq_length:,} tokens/step")
+    if stages != 1:
+        from pipeline.models.pipe import describe_stages
+
+        print(f"pipeline: {stages} stages x {dp} data-parallel replicas, partition "
+              f"{ds_config['pipeline'].get('partition', 'parameters')!r}\n{describe_stages(model, ds_config)}")
     print(json.dumps(ds_config, indent=2))
 
 
@@ -211,6 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     ds_config, warnings = dsconf.resolve_ds_config(dsconf.load_ds_config(args.deepspeed_config), world_size=world_size,
                                                    train_steps=args.train_steps, output_dir=args.output,
                                                    accelerator=accelerator)
+    if dsconf.pipeline_stages_of(ds_config) > 1:
+        from pipeline.models.pipe import check_pipeline
+
+        check_pipeline(model_config, args.objective, ds_config)
+        if "activation_checkpointing" in ds_config and not ds_config["pipeline"].get("activation_checkpoint_interval"):
+            warnings.append("the 'activation_checkpointing' block does not apply to a pipelined model; set "
+                            "pipeline.activation_checkpoint_interval (layers per checkpointed chunk) instead")
     if args.dry_run:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -228,7 +276,7 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
     from pipeline.export import export_hf
     from pipeline.models import build_model
     from pipeline.monitor import Monitor, peak_flops, training_flops_per_token, write_json
-    from pipeline.training import LoopSettings, resume, train
+    from pipeline.training import LoopSettings, resume, resume_config, train
 
     dist = setup()
     finished = False
@@ -241,10 +289,22 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
             write_json(os.path.join(args.output, "args.json"), dataclasses.asdict(args))
         torch.manual_seed(args.seed)
         model = build_model(args.model, args.objective, tokenizer.vocab_size, special)
-        if "activation_checkpointing" in ds_config:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_config)
-        task = PretrainTask(args, tokenizer, engine, dp_rank=dist.rank, dp_size=dist.world_size)
+        pipelined = dsconf.pipeline_stages_of(ds_config) > 1
+        if pipelined:
+            # The same HF modules (same seed, same initial weights), wrapped as pipeline layers; each
+            # rank keeps its stage's layers. Data parallelism is within a stage: rank and size from the grid.
+            from pipeline.models.pipe import build_pipeline_module
+
+            trained = build_pipeline_module(model, ds_config)
+        else:
+            trained = model
+            if "activation_checkpointing" in ds_config:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ds_config = resume_config(ds_config, os.path.join(args.output, "checkpoints"))
+        engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=param_groups(trained), config=ds_config)
+        dp_rank, dp_size = ((engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipelined
+                            else (dist.rank, dist.world_size))
+        task = PretrainTask(args, tokenizer, engine, dp_rank=dp_rank, dp_size=dp_size)
         settings = LoopSettings(train_steps=args.train_steps, log_interval=args.log_interval,
                                 eval_interval=args.eval_interval, save_interval=args.save_interval,
                                 keep_checkpoints=args.keep_checkpoints,
@@ -257,7 +317,7 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
         result = train(engine, task, settings, monitor, start)
         evals = {f"{split}_{k}": v for split in ("valid", "test") for k, v in task.evaluate(engine, split).items()}
         monitor.scalars(result["steps"], {f"Eval/{k}": v for k, v in evals.items() if k.startswith("valid_")})
-        export_hf(engine, tokenizer, os.path.join(args.output, "hf"))
+        export_hf(engine, tokenizer, os.path.join(args.output, "hf"), hf_model=model)
         summary = {"steps": result["steps"], "train_loss": result["train_loss"],
                    "eval_loss": evals.get("valid_loss"), "eval_ppl": evals.get("valid_ppl"),
                    "test_loss": evals.get("test_loss"), "test_ppl": evals.get("test_ppl"),

@@ -2,14 +2,26 @@
 
 A stage supplies a `Task` (its data, its loss, its evaluation); the loop owns everything else. The
 loss is read on the host only at log intervals, so steps queue on the accelerator without a sync.
+With a pipeline engine (a `pipeline` block with stages > 1) each optimizer step is one
+`engine.train_batch` over the task's `micro_batches()` iterator; everything else is the same.
 
 Checkpoints: `RUN/checkpoints/global_stepN/` in DeepSpeed's layout, plus one `rng_rankR.pt` per
 rank. `latest` is written by this loop (not DeepSpeed) after every rank has finished its files,
 under a temporary name and then renamed: a kill mid-save never leaves `latest` naming a partial
 checkpoint. The last `keep` checkpoints are kept.
+
+Best checkpoint and early stopping (optional; finetuning uses them, pretraining does not): with
+`LoopSettings.best_metric` set (a key of the task's evaluation, e.g. "macro_f1" or "loss"), the loop
+also evaluates at the last step, and each evaluation that improves the metric saves a checkpoint and
+names it in `RUN/checkpoints/best` (JSON: tag, step, metric, value), written before `latest` and never
+removed by the rotation. After `patience` evaluations in a row without improvement the loop saves a
+checkpoint and stops. Resume restores the tracking: the best value comes from `best`, the count of
+evaluations since from the evaluation steps after it. The value that decides is rank 0's, broadcast, so
+every rank takes the same branch (a save is a collective).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -23,6 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.distributed import barrier
+from pipeline.files import write_json
 from pipeline.monitor import Monitor, memory_gb
 
 
@@ -34,6 +47,11 @@ class Task(Protocol):
     def evaluate(self, engine, split: str) -> dict[str, float]: ...  # averaged over ranks
     def state(self) -> dict: ...  # data position, restored by load_state on resume
     def load_state(self, state: dict) -> None: ...
+    # With a pipeline engine (pipeline.stages > 1) the loop calls, instead of next_batch/loss:
+    # `micro_batches()`, an endless iterator of this data-parallel replica's micro-batches as
+    # (inputs, labels) tensors; DeepSpeed reads it on the first stage (inputs) and the last (labels).
+    # Optional: `before_step(engine, step)` is called on the last micro-batch of each optimizer step, after
+    # backward and before engine.step(): the reduced gradients are readable there (deepspeed.utils.safe_get_full_grad).
 
 
 @dataclass
@@ -45,6 +63,9 @@ class LoopSettings:
     keep_checkpoints: int
     checkpoint_dir: str
     warmup_steps: int = 2  # steps left out of the throughput figure (first-step allocation, warm caches)
+    best_metric: str | None = None  # an evaluation metric whose best value names RUN/checkpoints/best (None: off)
+    higher_is_better: bool = True   # for best_metric: accuracy yes, loss no
+    patience: int = 0               # stop after this many evaluations without improvement (0: never stop early)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,18 +109,51 @@ def latest_tag(checkpoint_dir: str) -> str | None:
     return tag
 
 
-def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dict) -> None:
+BEST_FILE = "best"
+
+
+def is_universal_checkpoint(folder: str) -> bool:
+    """A checkpoint in DeepSpeed's universal format (tools/convert_checkpoint.py --to universal):
+    per-parameter folders under zero/, no per-rank optimizer shards."""
+    return os.path.isdir(os.path.join(folder, "zero")) and not any(
+        name.endswith("optim_states.pt") for name in os.listdir(folder))
+
+
+def resume_config(ds_config: dict, checkpoint_dir: str) -> dict:
+    """The DeepSpeed config to initialize with: when `latest` names a universal checkpoint, DeepSpeed
+    must load it as one (`checkpoint.load_universal`), which lets a run resume at another world size."""
+    tag = latest_tag(checkpoint_dir)
+    if tag and is_universal_checkpoint(os.path.join(checkpoint_dir, tag)):
+        return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    return ds_config
+
+
+def best_checkpoint(checkpoint_dir: str) -> dict | None:
+    """The `best` record ({"tag", "step", "metric", "value"}) when the run tracks a best checkpoint."""
+    path = os.path.join(checkpoint_dir, BEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dict, best: dict | None = None) -> None:
+    """`best`: name this checkpoint in RUN/checkpoints/best (written before `latest`)."""
     tag = f"global_step{step}"
     engine.save_checkpoint(settings.checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(settings.checkpoint_dir, tag, f"rng_rank{engine.global_rank}.pt"))
     barrier()  # every rank's files are on disk before `latest` may name them
     if engine.global_rank == 0:
+        if best is not None:
+            write_json(os.path.join(settings.checkpoint_dir, BEST_FILE), {**best, "tag": tag, "step": step})
+        kept = (best_checkpoint(settings.checkpoint_dir) or {}).get("tag")
         tmp = os.path.join(settings.checkpoint_dir, "latest.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(tag)
         os.replace(tmp, os.path.join(settings.checkpoint_dir, "latest"))
         for old in checkpoint_tags(settings.checkpoint_dir)[:-settings.keep_checkpoints]:
-            shutil.rmtree(os.path.join(settings.checkpoint_dir, old), ignore_errors=True)
+            if old != kept:  # the best checkpoint outlives the rotation
+                shutil.rmtree(os.path.join(settings.checkpoint_dir, old), ignore_errors=True)
     barrier()
 
 
@@ -108,7 +162,8 @@ def resume(engine, task: Task, settings: LoopSettings) -> int:
     tag = latest_tag(settings.checkpoint_dir)
     if tag is None:
         return 0
-    path, client_state = engine.load_checkpoint(settings.checkpoint_dir, tag=tag)
+    with torch.no_grad():  # a pipeline engine re-broadcasts tied weights in place while loading
+        path, client_state = engine.load_checkpoint(settings.checkpoint_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {settings.checkpoint_dir}/{tag}")
     task.load_state(client_state["data"])
@@ -119,6 +174,51 @@ def resume(engine, task: Task, settings: LoopSettings) -> int:
 
 
 # ---------------------------------------------------------------- the loop
+
+class _BestTracker:
+    """Best value of settings.best_metric so far and the evaluations since; see the module doc."""
+
+    def __init__(self, settings: LoopSettings, start_step: int, device: torch.device):
+        self.settings, self.device = settings, device
+        self.value, self.step, self.bad = None, None, 0
+        record = best_checkpoint(settings.checkpoint_dir) if start_step else None
+        if record is not None and record.get("metric") == settings.best_metric and record["step"] <= start_step:
+            self.value, self.step = record["value"], record["step"]
+            self.bad = sum(1 for s in self.eval_steps() if record["step"] < s <= start_step)
+
+    def eval_steps(self) -> list[int]:
+        s = self.settings
+        steps = list(range(s.eval_interval, s.train_steps + 1, s.eval_interval)) if s.eval_interval > 0 else []
+        return steps if s.train_steps in steps else steps + [s.train_steps]
+
+    @property
+    def exhausted(self) -> bool:
+        return self.settings.patience > 0 and self.bad >= self.settings.patience
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation improved the metric (rank 0's value decides, for every rank)."""
+        name = self.settings.best_metric
+        if name not in metrics:
+            raise ValueError(f"best metric {name!r} is not among the evaluation metrics {sorted(metrics)}")
+        value = torch.tensor([metrics[name]], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast(value, src=0)
+        value = float(value)
+        better = math.isfinite(value) and (self.value is None or (
+            value > self.value if self.settings.higher_is_better else value < self.value))
+        if better:
+            self.value, self.step, self.bad = value, step, 0
+        else:
+            self.bad += 1
+        return better
+
+
+def is_pipeline_engine(engine) -> bool:
+    """A DeepSpeed PipelineEngine (the model is a PipelineModule): train_batch/eval_batch, not forward."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -136,13 +236,30 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
     timed_steps, excluded = 0, 0.0
     clock = time.perf_counter()
     interval_start, interval_steps, interval_excluded = clock, 0, 0.0
+    tracker = _BestTracker(settings, start_step, device) if settings.best_metric else None
+    before_step = getattr(task, "before_step", None)
+    stopped = tracker is not None and tracker.exhausted  # a rerun of a run that had stopped early
+    last_saved = start_step
+    pipelined = is_pipeline_engine(engine)
+    if pipelined:
+        if before_step is not None:
+            raise ValueError("a task with before_step cannot train with a pipeline engine: train_batch() runs the "
+                             "whole step (forward, backward, optimizer step) in one call")
+        micro_batches = task.micro_batches()  # lazy: the data position moves only as the engine reads
 
-    while step < settings.train_steps:
+    while step < settings.train_steps and not stopped:
         recent.zero_()
-        for _ in range(accum):
+        if pipelined:
+            # One call runs the schedule of all `accum` micro-batches through all stages, the gradient
+            # all-reduce and the optimizer step; it returns their mean loss, averaged over data-parallel
+            # replicas, on every stage. Summed over micro-batches like the loop below: x accum.
+            recent += engine.train_batch(micro_batches).detach().float() * accum
+        for micro in range(0 if pipelined else accum):
             batch = task.next_batch()
             loss = task.loss(engine, batch)
             engine.backward(loss)
+            if before_step is not None and micro == accum - 1:
+                before_step(engine, step + 1)
             engine.step()
             recent += loss.detach().float()
         step += 1
@@ -159,6 +276,7 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
 
         is_log = step % settings.log_interval == 0 or step == settings.train_steps
         is_eval = settings.eval_interval > 0 and step % settings.eval_interval == 0
+        is_eval = is_eval or (tracker is not None and step == settings.train_steps)  # the last model is a candidate
         is_save = settings.save_interval > 0 and step % settings.save_interval == 0
         if is_log or is_eval or is_save:
             if int(first_bad) >= 0:
@@ -195,12 +313,22 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
 
         if is_eval or is_save:
             t0 = time.perf_counter()
+            best = None
             if is_eval:
                 metrics = task.evaluate(engine, "valid")
                 monitor.scalars(step, {f"Eval/{k}": v for k, v in metrics.items()})
                 monitor.print(f"step {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if tracker is not None:
+                    if tracker.update(step, metrics):
+                        is_save, best = True, {"metric": settings.best_metric, "value": tracker.value}
+                        monitor.print(f"step {step:>6} | best {settings.best_metric} so far: {tracker.value:.4f}")
+                    elif tracker.exhausted:
+                        is_save, stopped = True, True
+                        monitor.print(f"step {step:>6} | early stop: no better {settings.best_metric} in "
+                                      f"{tracker.bad} evaluations (best {tracker.value:.4f} at step {tracker.step})")
             if is_save:
-                save_checkpoint(engine, settings, step, {"step": step, "data": task.state()})
+                save_checkpoint(engine, settings, step, {"step": step, "data": task.state()}, best=best)
+                last_saved = step
             spent = time.perf_counter() - t0
             excluded += spent
             interval_excluded += spent
@@ -208,7 +336,11 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
     _sync(device)
     timed_seconds = time.perf_counter() - clock - excluded
     tokens_per_sec = (timed_steps * task.tokens_per_step / timed_seconds) if timed_steps and timed_seconds > 0 else None
-    if settings.save_interval > 0 and step % settings.save_interval != 0 and step > start_step:
+    if settings.save_interval > 0 and step % settings.save_interval != 0 and step > last_saved:
         save_checkpoint(engine, settings, step, {"step": step, "data": task.state()})  # the final state
-    return {"steps": step, "train_loss": last["train_loss"], "grad_norm": last["grad_norm"],
-            "tokens_per_sec": tokens_per_sec, "perplexity": math.exp(min(last["train_loss"] or 0.0, 50.0))}
+    result = {"steps": step, "train_loss": last["train_loss"], "grad_norm": last["grad_norm"],
+              "tokens_per_sec": tokens_per_sec, "perplexity": math.exp(min(last["train_loss"] or 0.0, 50.0))}
+    if tracker is not None:
+        result.update(best_metric=settings.best_metric, best_value=tracker.value, best_step=tracker.step,
+                      stopped_early=stopped)
+    return result

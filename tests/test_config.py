@@ -24,6 +24,24 @@ DESIGN_NAMES = {f"{zero}{suffix}.json" for zero in ("zero0", "zero1", "zero2", "
                                                    "zero3_offload") for suffix in ("", "_fp16")} | {"pipe2.json"}
 
 
+@pytest.fixture(autouse=True)
+def native_bf16_cpu(monkeypatch):
+    """Most tests describe a CPU with native bf16; whether this machine has it must not change them."""
+    import pipeline.config
+
+    monkeypatch.setattr(pipeline.config, "cpu_has_native_bf16", lambda: True)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(monkeypatch):
+    import pipeline.config
+
+    monkeypatch.setattr(pipeline.config, "cpu_has_native_bf16", lambda: False)
+    cfg, warnings = resolve(base_cfg(bf16={"enabled": True}))
+    assert cfg["bf16"]["enabled"] is True  # the config's precision is kept
+    assert warnings == [pipeline.config.BF16_EMULATED_ON_CPU_WARNING]
+    assert resolve(base_cfg(bf16={"enabled": True}), accelerator="cuda")[1] == []
+
+
 def resolve(cfg, world_size=2, train_steps=100, output_dir="/runs/r", accelerator="cpu"):
     return resolve_ds_config(cfg, world_size=world_size, train_steps=train_steps, output_dir=output_dir,
                              accelerator=accelerator)

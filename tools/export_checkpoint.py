@@ -6,6 +6,9 @@
 Reads RUN/args.json for the model and data the run used, consolidates the fp32 master weights of a
 ZeRO 1/2/3 (or bf16) checkpoint with DeepSpeed's own zero_to_fp32 logic, or takes the module
 weights of a plain fp32 checkpoint, and writes safetensors + config + the HF tokenizer.
+A pipeline-parallel checkpoint (layer_XX-model_states.pt files, one per pipeline layer) gives the
+module weights of its layers (in the run's training precision, as the run's own RUN/hf export),
+mapped to HF names by pipeline/models/pipe.py.
 """
 from __future__ import annotations
 
@@ -24,11 +27,18 @@ from pipeline.models import build_model  # noqa: E402
 from pipeline.training import latest_tag  # noqa: E402
 
 
-def checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from one checkpoint tag, whatever ZeRO stage wrote it."""
+def checkpoint_state_dict(checkpoint_dir: str, tag: str, config=None) -> dict[str, torch.Tensor]:
+    """Full weights (HF names) from one checkpoint tag, whatever ZeRO stage wrote it: fp32 masters
+    of a ZeRO checkpoint, or the layer files of a pipeline checkpoint (config: the model's HF config)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pipeline.models import pipe
+
     folder = os.path.join(checkpoint_dir, tag)
+    if pipe.is_pipeline_checkpoint(folder):
+        if config is None:
+            raise ValueError(f"{folder} is a pipeline checkpoint: its layers map to HF names with the model config")
+        return pipe.pipe_to_hf(pipe.read_layer_files(folder), config)
     if any(name.endswith("optim_states.pt") for name in os.listdir(folder)):
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     # ZeRO-0 in fp32: the module's weights are in the model-states file.
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer = Tokenizer.load(run_args["data"][0])
     special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     model = build_model(run_args["model"], run_args["objective"], tokenizer.vocab_size, special)
-    missing, unexpected = model.load_state_dict(checkpoint_state_dict(checkpoint_dir, tag), strict=False)
+    missing, unexpected = model.load_state_dict(checkpoint_state_dict(checkpoint_dir, tag, model.config), strict=False)
     tied = {k for k in missing if model.config.tie_word_embeddings and "lm_head" in k or "decoder" in k}
     if set(missing) - tied or unexpected:
         raise SystemExit(f"export: checkpoint {tag} does not match the model {run_args['model']}: "

@@ -18,6 +18,9 @@ Text must be UTF-8. Bad input raises `InputError`, whose message names the file,
 and what was expected. With `skip_bad_lines`, per-record problems in jsonl and csv/tsv (bytes that
 are not UTF-8, malformed JSON, a missing key, a value that is not a string, a short csv row) are
 counted in a `BadLines` instead, and the first one is kept for the error shown if nothing is left.
+
+`read_records` reads records with several fields (text + label, prompt + response) from the same
+formats except plain text, with the same `FILE:LINE` errors, for the finetuning data.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, NamedTuple
 
 FORMATS = ("jsonl", "txt", "csv", "tsv", "parquet", "hf")
@@ -335,6 +338,108 @@ def _arrow_texts(path: str, texts: list, first_row: int) -> Iterator[Document]:
         yield Document(text, path, f"row {first_row + i + 1}")
 
 
+class Record(NamedTuple):
+    values: dict       # key -> value as stored (str, int, float, bool, ...; csv values are strings)
+    source: str
+    line: int | str
+
+
+def read_records(path: str, keys: Sequence[str], fmt: str = "auto", hint: str = "") -> Iterator[Record]:
+    """Records with several fields, for labelled data (text + label, prompt + response): jsonl, csv/tsv, parquet or
+    a HF dataset folder. Every record must have every key: a missing one is an `InputError` naming the file, the
+    line (or row) and the keys there are; `hint` is appended to that message (e.g. which flag chooses the key)."""
+    kind = detect_format(path, fmt)
+    suffix = f"; {hint}" if hint else ""
+    if kind == "jsonl":
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.isspace():
+                    continue
+                line = _decode(raw, path, lineno)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(path, lineno, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
+                                                   "expected one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise InputError(path, lineno, f"a JSON {type(record).__name__}; expected a JSON object with keys "
+                                                   f"{', '.join(repr(k) for k in keys)}")
+                missing = [k for k in keys if k not in record]
+                if missing:
+                    have = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+                    raise InputError(path, lineno, f"no key {missing[0]!r} (keys: {have}){suffix}")
+                yield Record({k: record[k] for k in keys}, path, lineno)
+    elif kind in ("csv", "tsv"):
+        csv.field_size_limit(2**31 - 1)
+        with _open_binary(path) as f:
+            lines = _DecodedLines(f, path)
+            reader = csv.reader(iter(lines), delimiter="\t" if kind == "tsv" else ",", strict=True)
+            try:
+                header = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise InputError(path, lines.lineno, f"malformed header ({e}); expected a row of column names") from None
+            missing = [k for k in keys if k not in header]
+            if missing:
+                columns = ", ".join(repr(c) for c in header[:20])
+                raise InputError(path, 1, f"no column {missing[0]!r} in the header (columns: {columns}){suffix}")
+            columns = [header.index(k) for k in keys]
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise InputError(path, lines.lineno, f"malformed {kind} ({e}); expected {kind} records") from None
+                if lines.error:
+                    raise lines.error
+                if not row:
+                    continue
+                if max(columns) >= len(row):
+                    raise InputError(path, lines.lineno, f"{len(row)} fields; expected {len(header)} (the header's)")
+                yield Record({k: row[c] for k, c in zip(keys, columns)}, path, lines.lineno)
+    elif kind in ("parquet", "hf"):
+        yield from _read_arrow_records(path, kind, list(keys), suffix)
+    else:
+        raise InputError(path, None, f"{kind} files hold plain text, not records with fields "
+                                     f"{', '.join(repr(k) for k in keys)}; expected jsonl, csv/tsv, parquet or a "
+                                     "dataset folder")
+
+
+def _read_arrow_records(path: str, kind: str, keys: list[str], suffix: str) -> Iterator[Record]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise InputError(path, None, f"not a readable parquet file ({e})") from None
+        parts = [(path, pf.schema_arrow.names, lambda pf=pf: pf.iter_batches(batch_size=BATCH_ROWS, columns=keys))]
+    else:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(path)
+        except Exception as e:
+            raise InputError(path, None, f"cannot load the dataset folder ({e})") from None
+        splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+        parts = [(f"{path}[{split}]" if split else path, ds.column_names,
+                  lambda ds=ds: ds.select_columns(keys).with_format("arrow").iter(batch_size=BATCH_ROWS))
+                 for split, ds in splits]
+    for where, names, batches in parts:
+        missing = [k for k in keys if k not in names]
+        if missing:
+            columns = ", ".join(repr(c) for c in names[:20])
+            raise InputError(where, None, f"no column {missing[0]!r} (columns: {columns}){suffix}")
+        row = 0
+        for batch in batches():
+            columns = {k: batch.column(k).to_pylist() for k in keys}
+            for i in range(batch.num_rows):
+                yield Record({k: columns[k][i] for k in keys}, where, f"row {row + i + 1}")
+            row += batch.num_rows
+
+
 def file_fingerprint(path: str) -> dict:
     """Size and sha256 of an input file, or of every file of a dataset folder (names and bytes, in order)."""
     import hashlib
@@ -354,5 +459,5 @@ def file_fingerprint(path: str) -> dict:
     return {"path": path, "bytes": size, "sha256": digest.hexdigest()}
 
 
-__all__ = ["BadLines", "Document", "InputError", "detect_format", "expand_inputs", "file_fingerprint",
-           "read_csv", "read_documents", "read_hf_dataset", "read_jsonl", "read_parquet", "read_txt"]
+__all__ = ["BadLines", "Document", "InputError", "Record", "detect_format", "expand_inputs", "file_fingerprint",
+           "read_csv", "read_documents", "read_hf_dataset", "read_jsonl", "read_parquet", "read_records", "read_txt"]

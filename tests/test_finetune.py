@@ -1,0 +1,480 @@
+"""Finetuning: data rules and metrics (unit), the loop's best-checkpoint/early-stop extension (a fake engine),
+and end-to-end runs on CPU under the deepspeed launcher (slow): a classifier on 2 ranks, exact resume,
+LoRA under ZeRO-3 with a merged export, SFT with AdaLoRA and packing, and the predict CLI."""
+import copy
+import json
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import tasks
+from pipeline.data.readers import InputError
+from tests.conftest import REPO, run_stage, scalars
+
+STEPS = 24
+FRUIT = "apple pear plum cherry grape melon lemon peach".split()
+STONE = "stone rock brick metal iron steel marble granite".split()
+FILLER = "the a of and with very some big small old new red blue green over under".split()
+
+
+def toy_examples(n, seed, labels=("fruit", "mineral")):
+    """A separable task: the label says which word family the text mentions."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rnd.choice(labels)
+        words = [rnd.choice(FILLER) for _ in range(rnd.randint(3, 9))]
+        words += [rnd.choice(FRUIT if label == "fruit" else STONE) for _ in range(2)]
+        rnd.shuffle(words)
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(prepared, tmp_path_factory):
+    from pipeline.data.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    Tokenizer.load(prepared).save_hf(str(path))
+    from transformers import AutoTokenizer
+
+    return str(path), AutoTokenizer.from_pretrained(str(path))
+
+
+def tiny_init(kind, tok_dir, out):
+    """A tiny model (2 layers, 64 wide) saved with save_pretrained, plus the HF tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=4, intermediate_size=128, max_position_embeddings=128,
+                                      vocab_size=1000, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                      tie_word_embeddings=True)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=128, vocab_size=1000,
+                                      pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = AutoModelForMaskedLM.from_config(config)
+    model.save_pretrained(out)
+    for name in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, name), out)
+    return str(out)
+
+
+def ds_config(tmp_path, name="zero2.json", micro=4, lr=2e-3, fp32=True):
+    ds = json.load(open(os.path.join(REPO, "ds_configs", name)))
+    ds["optimizer"]["params"]["lr"] = lr
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["scheduler"]["params"].update(total_num_steps=STEPS, warmup_num_steps=2)  # fixed: resume keeps the schedule
+    if fp32:
+        ds["bf16"] = {"enabled": False}
+    path = tmp_path / f"{name}_{micro}_{'fp32' if fp32 else 'bf16'}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+# ---------------------------------------------------------------- unit: data rules
+
+def test_labels_are_kept_by_name_and_ordered(tmp_path):
+    assert tasks.label_order(["10", "2", "1"]) == ["1", "2", "10"]  # integer labels keep their values as ids
+    assert tasks.label_order(["pos", "neg"]) == ["neg", "pos"]
+    where = ("f.jsonl", 3)
+    assert tasks.label_name(1, where, "label") == tasks.label_name("1", where, "label") == "1"
+    assert tasks.label_name(2.0, where, "label") == "2"
+    for bad in (None, "  ", True, [1]):
+        with pytest.raises(InputError, match=r"^f.jsonl:3: label 'label' is"):
+            tasks.label_name(bad, where, "label")
+
+
+def test_read_classification_drops_empty_texts_and_truncates(tmp_path, hf_tokenizer):
+    _, tok = hf_tokenizer
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "the apple", "label": "fruit"}, {"text": "  ", "label": "x"},
+                                             {"text": "iron " * 50, "label": 7}])
+    split = tasks.read_classification(path, "text", "label", tok, max_length=16)
+    assert len(split) == 2 and split.dropped_empty == 1 and split.truncated == 1
+    assert split.labels == ["fruit", "7"] and split.where == [(path, 1), (path, 3)]
+    assert max(len(s) for s in split.ids) == 16
+
+
+def test_unseen_label_names_file_line_label_and_known_labels(tmp_path, hf_tokenizer):
+    _, tok = hf_tokenizer
+    path = write_jsonl(tmp_path / "valid.jsonl", [{"text": "a", "label": "fruit"}, {"text": "b", "label": "veg"}])
+    split = tasks.read_classification(path, "text", "label", tok, max_length=16)
+    with pytest.raises(InputError, match=rf"^{path}:2: label 'veg' does not occur in the training data t.jsonl; "
+                                         r"known labels: 'fruit', 'mineral'"):
+        tasks.check_known_labels(split, ["fruit", "mineral"], "t.jsonl")
+
+
+def test_missing_key_names_file_and_line(tmp_path, hf_tokenizer):
+    _, tok = hf_tokenizer
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "sentiment": "y"}])
+    with pytest.raises(InputError, match=rf"^{path}:2: no key 'label' \(keys: 'text', 'sentiment'\); choose"):
+        tasks.read_classification(path, "text", "label", tok, max_length=16)
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text("body,label\nhello,x\n")
+    with pytest.raises(InputError, match=rf"^{csv_path}:1: no column 'text' in the header"):
+        tasks.read_classification(str(csv_path), "text", "label", tok, max_length=16)
+
+
+def test_csv_and_parquet_records(tmp_path, hf_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tok = hf_tokenizer
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text('text,label\n"an apple, ripe",1\nthe iron,0\n')
+    split = tasks.read_classification(str(csv_path), "text", "label", tok, max_length=32)
+    assert split.labels == ["1", "0"] and split.where[1] == (str(csv_path), 3)
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "a.parquet")
+    split = tasks.read_classification(str(tmp_path / "a.parquet"), "text", "label", tok, max_length=32)
+    assert split.labels == ["0", "1"] and split.where[1][1] == "row 2"
+
+
+def test_class_weights_balance_the_classes():
+    weights = tasks.class_weights([0, 0, 0, 1], 2)
+    assert weights == pytest.approx([4 / 6, 2.0])  # n / (K x n_c): 3 x 2/3 == 1 x 2
+
+
+def test_sft_labels_mask_the_prompt_and_padding(tmp_path, hf_tokenizer):
+    _, tok = hf_tokenizer
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Question: what is a list?\n", "response": "A sequence."},
+                                               {"prompt": "Hi", "response": "   "}])
+    split = tasks.read_sft(str(path), "prompt", "response", tok, "plain", max_length=64)
+    assert len(split) == 1 and split.dropped_empty == 1
+    p_ids = tok("Question: what is a list?\n")["input_ids"]
+    r_ids = tok("A sequence.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert split.ids[0] == p_ids + r_ids
+    assert split.labels[0] == [-100] * len(p_ids) + r_ids  # loss only on the response (and its EOS)
+    batch = tasks.pad_batch(split.ids + [[5, 6]], pad_id=0, labels=split.labels + [[-100, 6]])
+    assert batch["labels"].shape == batch["input_ids"].shape == (2, len(p_ids) + len(r_ids))
+    assert (batch["labels"][1, 2:] == -100).all() and (batch["attention_mask"][1, 2:] == 0).all()
+    # A response cut at max_length keeps the prompt whole; a prompt that fills max_length is dropped.
+    assert tasks.sft_example([1, 2, 3], [4, 5, 6], 5) == ([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5])
+    assert tasks.sft_example([1, 2, 3], [4], 3) is None
+
+
+def test_sft_chat_template_labels_the_assistant_turn(hf_tokenizer):
+    _, tok = hf_tokenizer
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert tasks.resolve_template(tok, "auto") == "chat"
+    p_ids = tasks.prompt_ids(tok, "Why?", "chat")
+    r_ids = tasks.response_ids(tok, "Why?", "Because.", "chat")
+    assert tok.decode(p_ids) == "<|user|>Why?\n<|assistant|>" and tok.decode(r_ids) == "Because.\n"
+    tok.chat_template = None
+    assert tasks.resolve_template(tok, "auto") == "plain"
+    with pytest.raises(ValueError, match="no chat_template"):
+        tasks.resolve_template(tok, "chat")
+
+
+def test_packing_keeps_examples_whole():
+    ids = [[1] * 3, [2] * 4, [3] * 2, [4] * 6]
+    labels = [[-100] * 3, [2] * 4, [3] * 2, [4] * 6]
+    packed, packed_labels = tasks.pack(ids, labels, max_length=7)
+    assert packed == [[1, 1, 1, 2, 2, 2, 2], [3, 3], [4] * 6]
+    assert packed_labels[0] == [-100] * 3 + [2] * 4
+
+
+def test_eval_batches_give_every_rank_the_same_forwards():
+    for n, micro, world in [(10, 4, 2), (7, 2, 3), (1, 4, 2), (8, 4, 2)]:
+        per_rank = [tasks.eval_batches(n, micro, r, world) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # same number of forward passes on every rank
+        seen = sorted(i for batches in per_rank for b in batches for i in b)
+        assert seen == list(range(n))  # every example exactly once
+
+
+def test_classification_report():
+    confusion = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows: true; the third class never occurs
+    r = tasks.classification_report(confusion, ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(5 / 6)
+    f1_a, f1_b = 2 * 1 * 0.75 / 1.75, 2 * (2 / 3) * 1 / (5 / 3)
+    assert r["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)  # over the classes present, as sklearn
+    assert r["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 0.75, "f1": f1_a, "support": 4})
+    assert r["confusion"] == confusion.tolist()
+
+
+# ---------------------------------------------------------------- unit: the loop's best checkpoint and early stop
+
+class FakeEngine:
+    device = torch.device("cpu")
+    global_rank = 0
+
+    def __init__(self):
+        self.monitor = SimpleNamespace(enabled=False)
+
+    def gradient_accumulation_steps(self):
+        return 1
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        pass
+
+    def get_lr(self):
+        return [0.1]
+
+    def get_global_grad_norm(self):
+        return 1.0
+
+    def fp16_enabled(self):
+        return False
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        os.makedirs(os.path.join(directory, tag))
+
+
+class ScriptedTask:
+    tokens_per_step = 1
+
+    def __init__(self, values):
+        self.values, self.evals = values, 0
+
+    def next_batch(self):
+        return {}
+
+    def loss(self, engine, batch):
+        return torch.tensor(1.0)
+
+    def evaluate(self, engine, split):
+        self.evals += 1
+        return {"accuracy": self.values[self.evals - 1]}
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+
+def test_loop_keeps_the_best_checkpoint_and_stops_early(tmp_path):
+    from pipeline.monitor import Monitor
+    from pipeline.training import LoopSettings, _BestTracker, best_checkpoint, checkpoint_tags, train
+
+    settings = LoopSettings(train_steps=20, log_interval=100, eval_interval=2, save_interval=2, keep_checkpoints=1,
+                            checkpoint_dir=str(tmp_path), best_metric="accuracy", patience=2)
+    engine = FakeEngine()
+    task = ScriptedTask([0.5, 0.7, 0.6, 0.65, 0.9])
+    result = train(engine, task, settings, Monitor(engine, False, 1.0, None), 0)
+    # Evaluations at steps 2, 4, 6, 8: the best is step 4; 6 and 8 do not improve -> stop at 8.
+    assert result["stopped_early"] and result["steps"] == 8 and task.evals == 4
+    assert result["best_step"] == 4 and result["best_value"] == 0.7
+    assert best_checkpoint(str(tmp_path)) == {"metric": "accuracy", "value": 0.7, "tag": "global_step4", "step": 4}
+    assert checkpoint_tags(str(tmp_path)) == ["global_step4", "global_step8"]  # the rotation spares the best
+    assert open(tmp_path / "latest").read() == "global_step8"
+    # A rerun resumes at step 8: two evaluations since the best, so it stops at once.
+    tracker = _BestTracker(settings, 8, engine.device)
+    assert (tracker.value, tracker.step, tracker.bad, tracker.exhausted) == (0.7, 4, 2, True)
+    again = train(engine, ScriptedTask([]), settings, Monitor(engine, False, 1.0, None), 8)
+    assert again["steps"] == 8 and again["stopped_early"]
+
+
+def test_loop_evaluates_the_last_step_when_tracking(tmp_path):
+    from pipeline.monitor import Monitor
+    from pipeline.training import LoopSettings, best_checkpoint, train
+
+    settings = LoopSettings(train_steps=5, log_interval=100, eval_interval=0, save_interval=0, keep_checkpoints=2,
+                            checkpoint_dir=str(tmp_path), best_metric="loss", higher_is_better=False)
+    engine = FakeEngine()
+    task = ScriptedTask([0.3])
+    task.evaluate = lambda engine, split: {"loss": 0.3}
+    result = train(engine, task, settings, Monitor(engine, False, 1.0, None), 0)
+    assert result["best_step"] == 5 and best_checkpoint(str(tmp_path))["tag"] == "global_step5"
+
+
+# ---------------------------------------------------------------- end to end (the deepspeed launcher)
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return {split: write_jsonl(root / f"{split}.jsonl", toy_examples(n, seed))
+            for split, n, seed in (("train", 200, 1), ("valid", 60, 2), ("test", 60, 3))}
+
+
+@pytest.fixture(scope="module")
+def llama_init(hf_tokenizer, tmp_path_factory):
+    return tiny_init("llama", hf_tokenizer[0], tmp_path_factory.mktemp("llama"))
+
+
+def classify_args(toy, init, run, config, steps=STEPS, extra=()):
+    return ["--task", "classify", "--train", toy["train"], "--valid", toy["valid"], "--test", toy["test"],
+            "--text-key", "text", "--label-key", "label", "--init", init, "--deepspeed_config", config,
+            "--output", str(run), "--train-steps", str(steps), "--eval-interval", "8", "--save-interval", "8",
+            "--log-interval", "1", "--max-length", "32", "--seed", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def classify_run(toy, llama_init, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    run = root / "classify"
+    run_stage("finetune.py", classify_args(toy, llama_init, run, ds_config(root, "zero2.json", micro=4)))
+    return run
+
+
+def losses(run):
+    return [v for _, v in sorted(scalars(run, "Train/loss").items())]
+
+
+@pytest.mark.slow
+def test_classifier_learns_the_toy_task_on_two_ranks(classify_run):
+    s = json.load(open(classify_run / "summary.json"))
+    assert s["world_size"] == 2 and s["zero_stage"] == 2 and s["steps"] == STEPS
+    assert s["valid_accuracy"] > 0.9 and s["test_accuracy"] > 0.9 and s["test_macro_f1"] > 0.9
+    assert s["labels"] == ["fruit", "mineral"] and s["examples"] == {"train": 200, "valid": 60, "test": 60}
+    assert sum(map(sum, s["valid_confusion"])) == 60  # summed over both ranks' shards, each example once
+    assert set(s["valid_per_class"]["fruit"]) == {"precision", "recall", "f1", "support"}
+    assert s["best_value"] == pytest.approx(s["valid_macro_f1"])  # RUN/hf holds the best checkpoint's weights
+    assert json.load(open(classify_run / "checkpoints" / "best"))["step"] == s["best_step"]
+    for tag in ("Eval/accuracy", "Eval/macro_f1", "Eval/loss"):
+        assert sorted(scalars(classify_run, tag)) == [8, 16, 24]
+
+
+@pytest.mark.slow
+def test_export_loads_with_plain_transformers_and_reproduces_accuracy(classify_run, toy):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(classify_run / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(classify_run / "hf")
+    assert model.config.id2label == {0: "fruit", 1: "mineral"} and model.config.pad_token_id == tok.pad_token_id
+    records = [json.loads(line) for line in open(toy["test"])]
+    batch = tok([r["text"] for r in records], padding=True, return_tensors="pt")  # right padding: last non-pad pools
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    accuracy = np.mean([model.config.id2label[p] == r["label"] for p, r in zip(predicted, records)])
+    summary = json.load(open(classify_run / "summary.json"))
+    assert accuracy == pytest.approx(summary["test_accuracy"], abs=1 / 60)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_curve_of_an_uninterrupted_run(classify_run, toy, llama_init, tmp_path):
+    # One process with micro 8 sees the same 8 examples per step as 2 ranks x micro 4 (one global data order),
+    # in fp32: stopped at step 12 and resumed, its curve is the uninterrupted 2-rank run's.
+    run = tmp_path / "resumed"
+    config = ds_config(tmp_path, "zero0.json", micro=8)
+    run_stage("finetune.py", classify_args(toy, llama_init, run, config, steps=12), ranks=0)
+    r = run_stage("finetune.py", classify_args(toy, llama_init, run, config, steps=STEPS), ranks=0)
+    assert "resumed from" in r.stdout and "at step 12" in r.stdout
+    assert losses(run) == pytest.approx(losses(classify_run), abs=2e-3)
+    assert json.load(open(run / "summary.json"))["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_trains_only_adapters_and_merges(toy, hf_tokenizer, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    init = tiny_init("bert", hf_tokenizer[0], tmp_path / "bert")
+    run = tmp_path / "lora"
+    run_stage("finetune.py", classify_args(toy, init, run, ds_config(tmp_path, "zero3.json", micro=4), steps=8,
+                                           extra=["--lora", "--lora-r", "4", "--keep-adapters"]))
+    s = json.load(open(run / "summary.json"))
+    assert s["lora"] == "lora" and s["zero_stage"] == 3
+    assert 0 < s["trainable_parameters"] < s["parameters"] / 10
+    # The merged export differs from the init only where adapters or the head were trained.
+    before, after = load_file(os.path.join(init, "model.safetensors")), load_file(run / "hf" / "model.safetensors")
+    changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed), changed
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= set(after) - set(before)  # new head, trained
+    # The adapter on the base model predicts what the merged model predicts.
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "hf", dtype=torch.float32).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(
+        init, num_labels=2, id2label=merged.config.id2label, label2id=merged.config.label2id, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, run / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(run / "hf")
+    batch = tok([json.loads(line)["text"] for line in open(toy["test"])][:16], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sft_with_adalora_and_packing_then_generate(llama_init, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rnd = random.Random(0)
+    words = "apple stone river cloud green seven quiet table".split()
+    pairs = []
+    for _ in range(120):
+        w = " ".join(rnd.choice(words) for _ in range(3))
+        pairs.append({"q": f"Repeat: {w}\n", "a": w})
+    train = write_jsonl(tmp_path / "train.jsonl", pairs[:100])
+    valid = write_jsonl(tmp_path / "valid.jsonl", pairs[100:])
+    run = tmp_path / "sft"
+    run_stage("finetune.py", ["--task", "sft", "--train", train, "--valid", valid, "--prompt-key", "q",
+                              "--response-key", "a", "--init", llama_init, "--deepspeed_config",
+                              ds_config(tmp_path, "zero2.json", micro=4), "--output", str(run), "--train-steps", "16",
+                              "--eval-interval", "8", "--log-interval", "1", "--packing", "--max-length", "64",
+                              "--adalora", "--lora-r", "4", "--keep-adapters"], ranks=0)
+    s = json.load(open(run / "summary.json"))
+    assert s["task"] == "sft" and s["lora"] == "adalora" and s["packing"] and s["template"] == "plain"
+    assert s["examples"]["train"] == 100 and s["train_sequences"] < 100  # packed
+    curve = losses(run)
+    assert curve[-1] < curve[0] and s["eval_ppl"] == pytest.approx(np.exp(s["eval_loss"]))
+    config = json.load(open(run / "adapter" / "adapter_config.json"))
+    assert config["peft_type"] == "ADALORA" and config["rank_pattern"]  # the budget was allocated
+    assert AutoModelForCausalLM.from_pretrained(run / "hf").config.model_type == "llama"
+    out = tmp_path / "generated.jsonl"
+    write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Repeat: apple stone river\n"}, {"text": "Repeat: cloud\n"}])
+    subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(run / "hf"), "--input",
+                    str(tmp_path / "prompts.jsonl"), "--output", str(out), "--max-new-tokens", "5"],
+                   cwd=REPO, check=True, capture_output=True)
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in rows] == ["Repeat: apple stone river\n", "Repeat: cloud\n"]
+    assert all(isinstance(r["generated"], str) for r in rows)
+
+
+@pytest.mark.slow
+def test_predict_cli_on_the_classifier_reads_stdin(classify_run):
+    text = "an apple and a ripe plum\nsome iron and old steel\n" + json.dumps({"text": "grape melon"}) + "\n"
+    r = subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(classify_run / "hf")], input=text,
+                       cwd=REPO, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["label"] for row in rows] == ["fruit", "mineral", "fruit"]
+    assert all(abs(sum(row["probs"].values()) - 1) < 1e-5 and row["score"] == max(row["probs"].values())
+               for row in rows)
+
+
+def test_unseen_label_is_an_error_before_anything_starts(toy, llama_init, tmp_path):
+    valid = write_jsonl(tmp_path / "valid.jsonl", toy_examples(2, 9) + [{"text": "a carrot", "label": "vegetable"}])
+    r = run_stage("finetune.py", ["--train", toy["train"], "--valid", valid, "--init", llama_init,
+                                  "--deepspeed_config", os.path.join(REPO, "ds_configs", "zero0.json"),
+                                  "--output", str(tmp_path / "run")], ranks=0, check=False)
+    assert r.returncode == 2
+    assert (f"{valid}:3: label 'vegetable' does not occur in the training data {toy['train']}; "
+            "known labels: 'fruit', 'mineral'") in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_and_argument_errors(toy, llama_init, tmp_path, capsys):
+    from pipeline import finetune
+
+    base = ["--train", toy["train"], "--valid", toy["valid"], "--init", llama_init, "--deepspeed_config",
+            os.path.join(REPO, "ds_configs", "zero2.json"), "--output", str(tmp_path / "dry")]
+    assert finetune.main([*base, "--dry-run", "--lora"]) == {}
+    out = capsys.readouterr().out
+    assert "trainable (LoRA)" in out and "labels: fruit, mineral" in out and "train_batch_size" in out
+    assert not (tmp_path / "dry").exists()
+    for extra, message in [(["--epochs", "2", "--train-steps", "3"], "exclusive"),
+                           (["--task", "sft", "--metric-for-best", "accuracy"], "does not apply"),
+                           (["--max-length", "4096"], "above the model's maximum"),
+                           (["--keep-adapters"], "needs --lora")]:
+        with pytest.raises(ValueError, match=message):
+            finetune.main([*base, *extra])
