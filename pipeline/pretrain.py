@@ -299,7 +299,10 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
         else:
             trained = model
             if "activation_checkpointing" in ds_config:
+                # The JSON's block turns it on: each decoder layer's activations are recomputed in backward.
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if dist.is_main:
+                    print("activation checkpointing: on (every decoder layer recomputed in backward)", flush=True)
         ds_config = resume_config(ds_config, os.path.join(args.output, "checkpoints"))
         engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=param_groups(trained), config=ds_config)
         dp_rank, dp_size = ((engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipelined
