@@ -8,27 +8,33 @@ OUT=${1:-build/demo}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 mkdir -p "$OUT"
 
-echo "== 1/3 prepare: help topics -> tokenizer + token shards"
+echo "== 1/4 prepare: help topics -> tokenizer + token shards"
 python tools/make_demo_corpus.py "$OUT/corpus.jsonl"
 python -m pipeline.prepare --input "$OUT/corpus.jsonl" --output "$OUT/data" --vocab-size 2000 --overwrite
 python tools/inspect_data.py "$OUT/data" --show 1
 
-# bf16 as shipped, unless this is a CPU without native bf16 (no AVX512-BF16/AMX): there bf16 matrix
-# products are emulated ~30x slower than fp32, so the demo trains the same config in fp32.
-CONFIG=ds_configs/zero2.json
+# The shipped configs are bf16. On a CPU without native bf16 (no AVX512-BF16/AMX) bf16 matrix products
+# are emulated ~30x slower than fp32, so there the demo runs the same configs in fp32.
+NATIVE_BF16=1
 if [ "$DS_ACCELERATOR" = cpu ] && ! python -c "import sys, torch; sys.exit(not torch.ops.mkldnn._is_mkldnn_bf16_supported())"; then
-    echo "(this CPU has no native bf16: the demo runs ds_configs/zero2.json in fp32)"
-    python -c "import json, sys; c = json.load(open('ds_configs/zero2.json')); c['bf16'] = {'enabled': False}; json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$OUT/zero2_fp32.json"
-    CONFIG=$OUT/zero2_fp32.json
+    NATIVE_BF16=0
+    echo "(this CPU has no native bf16: the demo runs its configs in fp32)"
 fi
+demo_config() {  # demo_config SHIPPED.json -> the path to use
+    if [ "$NATIVE_BF16" = 1 ]; then echo "$1"; return; fi
+    local out="$OUT/fp32_$(basename "$1")"
+    python -c "import json, sys; c = json.load(open(sys.argv[1])); c['bf16'] = {'enabled': False}; json.dump(c, open(sys.argv[2], 'w'), indent=2)" "$1" "$out"
+    echo "$out"
+}
+CONFIG=$(demo_config ds_configs/zero2.json)
 
-echo "== 2/3 pretrain: a tiny Llama on 2 ranks, ZeRO-2 ($CONFIG)"
+echo "== 2/4 pretrain: a tiny Llama on 2 ranks, ZeRO-2 ($CONFIG)"
 rm -rf "$OUT/pretrain"  # a fresh run each time (rerunning a stage on its run folder would resume it)
 deepspeed --num_gpus 2 pipeline/pretrain.py --data "$OUT/data" --model tiny \
     --deepspeed_config "$CONFIG" --output "$OUT/pretrain" \
     --train-steps 200 --seq-length 128 --log-interval 20 --eval-interval 100 --save-interval 100
 
-echo "== 3/3 finetune: the pretrained model -> a sentiment classifier on data/sentiment (demo reviews)"
+echo "== 3/4 finetune: the pretrained model -> a sentiment classifier on data/sentiment (demo reviews)"
 rm -rf "$OUT/finetune"
 deepspeed --num_gpus 2 pipeline/finetune.py --task classify \
     --train data/sentiment/train.jsonl --valid data/sentiment/valid.jsonl --test data/sentiment/test.jsonl \
@@ -37,7 +43,16 @@ deepspeed --num_gpus 2 pipeline/finetune.py --task classify \
 printf '%s\n' "The staff were friendly and the food was excellent." "Terrible service, I would never go back." \
     | python -m pipeline.predict --model "$OUT/finetune/hf"
 
-echo "== done: $OUT/pretrain/summary.json, $OUT/finetune/summary.json"
+echo "== 4/4 compress: int8 quantization-aware training of the classifier (ds_configs/compression/int8_qat.json)"
+rm -rf "$OUT/compress"
+python -m pipeline.compress --task classify --init "$OUT/finetune/hf" \
+    --train data/sentiment/train.jsonl --valid data/sentiment/valid.jsonl --test data/sentiment/test.jsonl \
+    --text-key text --label-key label --deepspeed_config "$(demo_config ds_configs/compression/int8_qat.json)" \
+    --output "$OUT/compress" --train-steps 60 --log-interval 20
+python -c "import json, sys; s = json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('bytes_before', 'bytes_after', 'test_accuracy_before', 'test_accuracy_after')})" "$OUT/compress/summary.json"
+python tools/report.py "$OUT/pretrain" "$OUT/finetune" --output "$OUT/report"
+
+echo "== done: $OUT/pretrain/summary.json, $OUT/finetune/summary.json, $OUT/compress/summary.json, $OUT/report/report.md"
 cat "$OUT/pretrain/summary.json"
 python -c "import json, sys; s = json.load(open(sys.argv[1])); print({k: s[k] for k in ('valid_accuracy', 'valid_macro_f1', 'test_accuracy', 'test_macro_f1', 'best_step')})" "$OUT/finetune/summary.json"
 echo "TensorBoard: tensorboard --logdir $OUT/pretrain/tensorboard (and $OUT/finetune/tensorboard)"
