@@ -184,8 +184,8 @@ def test_export_tool_writes_any_checkpoint_as_hf(zero2_run, tmp_path):
     out = tmp_path / "step6"
     subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(zero2_run),
                     "--tag", "global_step6", "--output", str(out)], check=True, capture_output=True)
-    final = tmp_path / "step12"
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(zero2_run),
+    final = tmp_path / "step12"  # the same through convert_checkpoint.py, latest checkpoint
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), str(zero2_run), "--to", "hf",
                     "--output", str(final)], check=True, capture_output=True)
     ids = torch.arange(64).reshape(1, 64) + 10
     with torch.no_grad():

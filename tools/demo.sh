@@ -49,10 +49,26 @@ python -m pipeline.compress --task classify --init "$OUT/finetune/hf" \
     --train data/sentiment/train.jsonl --valid data/sentiment/valid.jsonl --test data/sentiment/test.jsonl \
     --text-key text --label-key label --deepspeed_config "$(demo_config ds_configs/compression/int8_qat.json)" \
     --output "$OUT/compress" --train-steps 60 --log-interval 20
-python -c "import json, sys; s = json.load(open(sys.argv[1])); print({k: s.get(k) for k in ('bytes_before', 'bytes_after', 'test_accuracy_before', 'test_accuracy_after')})" "$OUT/compress/summary.json"
 python tools/report.py "$OUT/pretrain" "$OUT/finetune" --output "$OUT/report"
 
-echo "== done: $OUT/pretrain/summary.json, $OUT/finetune/summary.json, $OUT/compress/summary.json, $OUT/report/report.md"
-cat "$OUT/pretrain/summary.json"
-python -c "import json, sys; s = json.load(open(sys.argv[1])); print({k: s[k] for k in ('valid_accuracy', 'valid_macro_f1', 'test_accuracy', 'test_macro_f1', 'best_step')})" "$OUT/finetune/summary.json"
-echo "TensorBoard: tensorboard --logdir $OUT/pretrain/tensorboard (and $OUT/finetune/tensorboard)"
+echo "== done: what each stage produced"
+python - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def summary(stage):
+    path = os.path.join(out, stage, "summary.json")
+    return json.load(open(path)) if os.path.isfile(path) else {}
+def fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+rows = [
+    ("prepare", f"{out}/data", summary("data"), ("documents", "tokens", "tokens_per_sec")),
+    ("pretrain", f"{out}/pretrain/hf", summary("pretrain"), ("steps", "train_loss", "eval_loss", "eval_ppl", "tokens_per_sec", "precision")),
+    ("finetune", f"{out}/finetune/hf", summary("finetune"), ("valid_accuracy", "valid_macro_f1", "test_accuracy", "test_macro_f1")),
+    ("compress", f"{out}/compress/compressed", summary("compress"), ("bytes_before", "bytes_after", "test_accuracy_before", "test_accuracy_after")),
+    ("report", f"{out}/report/report.md", {}, ()),
+]
+print(f"| stage | output | results |\n|---|---|---|")
+for stage, path, s, keys in rows:
+    print(f"| {stage} | {path} | " + ", ".join(f"{k} {fmt(s[k])}" for k in keys if s.get(k) is not None) + " |")
+PY
+echo "TensorBoard: tensorboard --logdir $OUT (every run's tensorboard/ folder)"
