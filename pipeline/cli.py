@@ -67,3 +67,15 @@ def to_dataclass(cls, ns: argparse.Namespace):
 
 def parse(cls, argv: list[str] | None, description: str):
     return to_dataclass(cls, build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run_main(main, stage: str) -> None:
+    """A training stage's `__main__`: bad input, a missing file or a non-finite loss becomes one line
+    `STAGE: error: ...` on stderr and exit status 2, not a traceback."""
+    from pipeline.training import NonFiniteLoss
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        sys.exit(2)

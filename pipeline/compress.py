@@ -40,7 +40,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):  # `deepspeed pipeline/compress.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import arg, parse
+from pipeline.cli import arg, parse, run_main
 
 
 @dataclass
@@ -458,10 +458,4 @@ def report_table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    from pipeline.training import NonFiniteLoss
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"compress: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "compress")

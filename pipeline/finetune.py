@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file
 
 import numpy as np
 
-from pipeline.cli import arg, parse
+from pipeline.cli import arg, parse, run_main
 
 TASKS = ("classify", "sft")
 METRICS = {"classify": ("macro_f1", "accuracy", "loss"), "sft": ("loss",)}
@@ -597,10 +597,4 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
 
 
 if __name__ == "__main__":
-    from pipeline.training import NonFiniteLoss
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "finetune")

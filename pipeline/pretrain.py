@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file
 
 import numpy as np
 
-from pipeline.cli import arg, parse
+from pipeline.cli import arg, parse, run_main
 
 
 @dataclass
@@ -348,10 +348,4 @@ def param_groups(model) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from pipeline.training import NonFiniteLoss
-
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "pretrain")
