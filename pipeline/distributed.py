@@ -78,7 +78,29 @@ def setup() -> Dist:
     # torch 2.13 deprecates the collective names DeepSpeed 0.19 still calls, once per call site and rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(verbose=False)
+    release_shm_buffer(rank)
     return Dist(rank, world, local_rank, local_size, accelerator)
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The 69 MB shared-memory file DeepSpeed's CPU comm op makes per rank when all ranks share a node."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer(rank: int) -> None:
+    """DeepSpeed never unlinks its shm buffers, so every run left 138 MB (2 ranks) of RAM-backed
+    /dev/shm behind until the machine ran out of memory. Once every rank has mapped every buffer
+    (init_distributed returns only after that, hence the barrier), each rank unlinks its own name:
+    the mappings stay valid and the memory is freed when the last rank exits, even on kill -9."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(shm_buffer_path(rank))
+    except (FileNotFoundError, PermissionError):
+        pass
 
 
 def teardown(success: bool = True) -> None:

@@ -1,5 +1,6 @@
 """Shared fixtures: a prepared corpus (Python's own help topics, real English that ships with CPython),
 the repository root, and a runner for stage commands under the real `deepspeed` launcher."""
+import glob
 import json
 import os
 import socket
@@ -49,10 +50,16 @@ def run_stage(script: str, args: list[str], ranks: int = 2, timeout: int = 900, 
     if ranks == 0:
         cmd = [sys.executable, "-m", "pipeline." + script.removesuffix(".py"), *args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        port = free_port()
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port),
                os.path.join("pipeline", script), *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
     r = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if ranks:
+        leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+        for path in leaked:
+            os.unlink(path)
+        assert not leaked, f"the run left DeepSpeed's shared-memory buffers behind: {leaked}"
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n"
                              f"--- stderr\n{r.stderr[-6000:]}")
