@@ -2,6 +2,8 @@
 # Both install what they need first (torch before the rest, so no CUDA build is pulled on a CPU box).
 PYTHON ?= python3
 DEMO_DIR ?= build/demo
+# A value as one single-quoted shell word (a ' inside becomes '\''): paths with spaces or ;$` reach the shell as text.
+shell_quote = '$(subst ','\'',$(1))'
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
 .PHONY: install demo test test-quick lint clean
@@ -15,7 +17,7 @@ build/.installed: setup.py
 	@touch $@
 
 demo: install
-	bash tools/demo.sh $(DEMO_DIR)
+	bash tools/demo.sh $(call shell_quote,$(DEMO_DIR))
 
 test: install
 	$(PYTHON) -m pytest tests

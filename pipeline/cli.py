@@ -70,12 +70,13 @@ def parse(cls, argv: list[str] | None, description: str):
 
 
 def run_main(main, stage: str) -> None:
-    """A training stage's `__main__`: bad input, a missing file or a non-finite loss becomes one line
+    """A training stage's `__main__`: bad input, a file that cannot be read or written, a checkpoint that
+    cannot be saved or a non-finite loss becomes one line
     `STAGE: error: ...` on stderr and exit status 2, not a traceback."""
-    from pipeline.training import NonFiniteLoss
+    from pipeline.training import CheckpointError, NonFiniteLoss
 
     try:
         main()
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, OSError, NonFiniteLoss, CheckpointError) as e:  # OSError: a file, with its path
         print(f"{stage}: error: {e}", file=sys.stderr)
         sys.exit(2)

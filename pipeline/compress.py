@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/compress.py` runs this file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cli import arg, parse, run_main
+from pipeline.files import check_output_folder
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Flag errors that need no data and no process group."""
+    check_output_folder(args.output)
     for name in ("seq_length", "log_interval", "eval_batches", "keep_checkpoints", "latency_repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -116,11 +118,15 @@ def _lm_inputs(args: Args) -> Inputs:
     from transformers import AutoConfig
 
     from pipeline import pretrain
+    from pipeline.data.prepared import check_model_tokenizer
     from pipeline.models import build_model, max_positions
     from pipeline.models.presets import ENCODERS
 
-    objective = "mlm" if AutoConfig.from_pretrained(args.init).model_type in ENCODERS else "clm"
+    objective = "mlm" if AutoConfig.from_pretrained(args.init, trust_remote_code=False).model_type in ENCODERS else "clm"
     tokenizer = pretrain.load_data_folders(args.data)
+    check_model_tokenizer(args.init, tokenizer, "--init", f"the tokenizer of --data {args.data[0]}",
+                          "compress with the data the model was trained on (or data prepared with "
+                          f"`python -m pipeline.prepare --tokenizer {args.init} ...`)")
     special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     model = build_model(args.init, objective, tokenizer.vocab_size, special)
     limit = max_positions(model.config)
@@ -149,7 +155,8 @@ def _classify_inputs(args: Args) -> Inputs:
     if not any(a.endswith("ForSequenceClassification") for a in (data.model_config.architectures or [])):
         raise ValueError(f"--init {args.init} is not a sequence classifier ({data.model_config.architectures}); "
                          "compress the hf/ folder of a pipeline.finetune --task classify run")
-    model = AutoModelForSequenceClassification.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa",
+                                                               trust_remote_code=False)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if names != data.label_names:
         raise ValueError(f"--init {args.init} predicts the labels {names}, the data has {data.label_names}; compress "
@@ -281,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{', '.join(compression.needs_training)} train the model: give --train-steps N "
                          "(post_training_quantization alone needs none)")
     ds_config, warnings = dsconf.resolve_ds_config(ds_raw, world_size=world_size, train_steps=max(1, args.train_steps),
-                                                   output_dir=args.output, accelerator=accelerator)
+                                                   output_dir=args.output, accelerator=accelerator,
+                                                   source=args.deepspeed_config)
     inputs = load_inputs(args)
     student = copy.deepcopy(inputs.model)
     compressor = prepare(student, compression)  # pattern and ratio errors name the config key

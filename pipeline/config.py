@@ -163,12 +163,23 @@ def _is_int(value: Any) -> bool:
 
 
 def resolve_ds_config(cfg: dict, *, world_size: int, train_steps: int, output_dir: str,
-                      accelerator: str) -> tuple[dict, list[str]]:
+                      accelerator: str, source: str | None = None) -> tuple[dict, list[str]]:
     """Return (a new config with every "auto" filled and adapted to the accelerator, warnings).
 
     The input is not modified. The warnings are for the user, to print once (rank 0).
-    See the module docstring for the rules.
+    See the module docstring for the rules. `source` (the JSON's path) starts every error message.
     """
+    try:
+        return _resolve(cfg, world_size=world_size, train_steps=train_steps, output_dir=output_dir,
+                        accelerator=accelerator)
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _resolve(cfg: dict, *, world_size: int, train_steps: int, output_dir: str,
+             accelerator: str) -> tuple[dict, list[str]]:
     if not _is_int(world_size) or world_size < 1:
         raise ValueError(f"world size must be a positive integer, got {world_size!r}")
     if not _is_int(train_steps) or train_steps < 1:

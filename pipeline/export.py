@@ -60,4 +60,4 @@ def load_hf(path: str, objective: str, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     cls = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
-    return cls.from_pretrained(path, dtype=dtype or "auto")
+    return cls.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False)

@@ -29,3 +29,15 @@ def publish_folder(tmp: str, output: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, output)
+
+
+def check_output_folder(path: str, flag: str = "--output") -> None:
+    """A run folder must be a folder, or not exist yet: found before any process group starts, not when rank 0
+    first writes into it."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: exists and is not a folder; choose another {flag}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is not a folder; choose another {flag}")

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file
 import numpy as np
 
 from pipeline.cli import arg, parse, run_main
+from pipeline.files import check_output_folder
 
 TASKS = ("classify", "sft")
 METRICS = {"classify": ("macro_f1", "accuracy", "loss"), "sft": ("loss",)}
@@ -110,6 +111,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Flag errors that need no data and no process group."""
+    check_output_folder(args.output)
     if args.adalora:
         args.lora = True
     if args.train_steps is not None and args.epochs is not None:
@@ -169,7 +171,7 @@ def load_data(args: Args) -> Data:
     if not os.path.isfile(os.path.join(args.init, "config.json")):
         raise FileNotFoundError(f"--init {args.init}: no config.json; expected a HuggingFace model folder "
                                 "(e.g. a pretraining run's hf/)")
-    config = AutoConfig.from_pretrained(args.init)
+    config = AutoConfig.from_pretrained(args.init, trust_remote_code=False)
     if args.task == "classify" and config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise ValueError(f"--init {args.init}: transformers has no sequence classifier for model type "
                          f"{config.model_type!r}")
@@ -180,6 +182,13 @@ def load_data(args: Args) -> Data:
     except TokenizerError as e:
         hint = "" if args.tokenizer else "; give the tokenizer with --tokenizer PATH"
         raise ValueError(f"{e}{hint}") from None
+    if args.tokenizer:
+        # --init's embeddings were trained on its own tokenizer's ids: another tokenizer would feed them other
+        # pieces under the same ids, silently.
+        from pipeline.data.prepared import check_model_tokenizer
+
+        check_model_tokenizer(args.init, tokenizer, "--init", f"--tokenizer {args.tokenizer}",
+                              "leave out --tokenizer to use the model's own")
     warnings = []
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but --init {args.init} only "
@@ -400,7 +409,7 @@ def build_model(args: Args, data: Data, total_steps: int):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" report: expected here, printed by the stage
     try:
-        common = dict(dtype=torch.float32, attn_implementation="sdpa")
+        common = dict(dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False)
         if args.task == "classify":
             names = data.label_names
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -466,10 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "pipeline" in raw:
         raise ValueError(f"{args.deepspeed_config}: finetuning runs data parallel (ZeRO 0-3); drop the 'pipeline' block")
     probe, _ = dsconf.resolve_ds_config(raw, world_size=world_size, train_steps=1, output_dir=args.output,
-                                        accelerator=accelerator)
+                                        accelerator=accelerator, source=args.deepspeed_config)
     steps = steps_for(args, len(data.splits["train"]), probe["train_batch_size"])
     ds_config, warnings = dsconf.resolve_ds_config(raw, world_size=world_size, train_steps=steps,
-                                                   output_dir=args.output, accelerator=accelerator)
+                                                   output_dir=args.output, accelerator=accelerator,
+                                                   source=args.deepspeed_config)
     if args.dry_run:
         for w in data.warnings + warnings:
             print(f"warning: {w}", file=sys.stderr)

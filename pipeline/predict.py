@@ -6,7 +6,8 @@
 
 Input: a jsonl/csv/parquet file or HF dataset folder (the text is `--text-key`), a .txt file (one text
 per line), or `-` for stdin (one text per line; a line that is a JSON object is read as a record).
-Output: one JSON object per input, in order, to stdout or `--output`:
+Output: one JSON object per input, in order, to stdout or `--output` (written under a temporary name and
+renamed once every input is predicted: a failure leaves no partial file):
 - a classifier (`*ForSequenceClassification`): {"text", "label", "score", "probs": {label: p}}; texts are
   tokenized and truncated exactly as `pipeline.finetune` did (the tokenizer's model_max_length);
 - a causal LM (`*ForCausalLM`): {"prompt", "generated"}; greedy by default, sampling with
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import arg, parse
+from pipeline.cli import arg, parse, run_main
 
 
 @dataclass
@@ -87,7 +88,7 @@ def load(path: str, device: str):
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model {path}: no config.json; expected an exported model folder such as RUN/hf")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     arch = (config.architectures or [""])[0]
     if arch.endswith("ForSequenceClassification"):
         cls, kind = AutoModelForSequenceClassification, "classify"
@@ -97,8 +98,8 @@ def load(path: str, device: str):
         raise ValueError(f"--model {path}: architecture {arch or '(none)'} is neither a sequence classifier nor a "
                          "causal LM")
     dtype = torch.float32 if device == "cpu" else "auto"
-    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, kind
@@ -147,6 +148,14 @@ def generate(model, tokenizer, prompts: list[str], args: Args) -> list[dict]:
     return [{"prompt": p, "generated": tokenizer.decode(n, skip_special_tokens=True)} for p, n in zip(prompts, new)]
 
 
+def check_output_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path}: is a folder; give a file name for the predictions (jsonl)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--output {path}: the folder {parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(Args, argv, __doc__)
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
@@ -155,12 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.input != "-" and not os.path.exists(args.input):
         raise FileNotFoundError(f"--input {args.input}: no such file")
+    if args.output:
+        check_output_file(args.output)
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
     model, tokenizer, kind = load(args.model, device)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    # --output is written under a temporary name and renamed at the end: a failure half-way (a bad line
+    # further on) leaves no file that looks like the complete predictions.
+    tmp = f"{args.output}.tmp" if args.output else None
+    out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
     count = 0
     try:
         for texts in batches(read_inputs(args.input, args.text_key), args.batch_size):
@@ -169,16 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps(r, ensure_ascii=False) + "\n")
             out.flush()
             count += len(results)
-    finally:
-        if args.output:
+        if tmp:
             out.close()
+            os.replace(tmp, args.output)
+    finally:
+        if tmp and os.path.exists(tmp):
+            out.close()
+            os.remove(tmp)
     print(f"predict: {count} predictions ({kind})" + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
     return count
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "predict")

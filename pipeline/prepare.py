@@ -23,7 +23,8 @@ never leaves a folder that looks complete; an existing DIR is replaced only with
   {train,valid,test}.bin     token ids of the documents back to back (uint16 when the vocabulary fits, else uint32)
   {train,valid,test}.idx     header and document offsets (format in pipeline/data/shards.py)
   manifest.json              format version, tokenizer (sha256, vocab size, special ids), dtype, counts per split,
-                             input files (size, sha256), the arguments
+                             the size, sha256 and sampled sha256 of each shard file (checked by the stages that open
+                             the folder: pipeline/data/prepared.py), input files (size, sha256), the arguments
   summary.json               documents, tokens, tokens_per_sec (of the pass that reads, cleans, tokenizes and
                              writes), seconds (the whole run), what cleaning dropped, bad_lines, counts per split
 The shards and the tokenizer are byte-identical for any --workers; manifest.json records the arguments and
@@ -52,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import __version__, cli
+from pipeline.data.prepared import FORMAT_VERSION
 from pipeline.data.readers import (
     TXT_MODES,
     BadLines,
@@ -64,10 +66,9 @@ from pipeline.data.readers import (
 )
 from pipeline.data.shards import VERSION as SHARD_VERSION
 from pipeline.data.shards import ShardWriter, token_dtype
-from pipeline.data.tokenizer import MODEL_TYPES, SP_MODEL_FILE, Tokenizer, TokenizerError, describe
+from pipeline.data.tokenizer import MIN_VOCAB, MODEL_TYPES, SP_MODEL_FILE, Tokenizer, TokenizerError, describe
 from pipeline.files import publish_folder, write_json
 
-FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 BATCH_DOCS = 1024          # a batch is this many documents or BATCH_CHARS characters, whichever comes first:
 BATCH_CHARS = 1 << 18      # big enough that per-batch costs vanish, small enough to keep memory flat
@@ -138,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> PrepareArgs:
     args = cli.to_dataclass(PrepareArgs, parser.parse_args(argv))
     if (args.vocab_size is None) == (args.tokenizer is None):
         parser.error("give exactly one of --vocab-size N (train a tokenizer) and --tokenizer PATH (use one)")
+    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB:
+        parser.error(f"--vocab-size {args.vocab_size} is too small: byte fallback takes 256 pieces and the special "
+                     f"pieces 6, so it must be at least {MIN_VOCAB}")
     if not (0 <= args.valid_fraction < 1 and 0 <= args.test_fraction < 1
             and args.valid_fraction + args.test_fraction < 1):
         parser.error(f"--valid-fraction {args.valid_fraction} and --test-fraction {args.test_fraction} must be in "
@@ -247,6 +251,7 @@ def prepare(args: PrepareArgs) -> dict:
             "dtype": counts["dtype"],
             "tokenizer": describe(tokenizer),
             "splits": counts["splits"],
+            "files": counts["files"],
             "cleaning": {"strip": True, "nfkc": args.nfkc, "min_chars": args.min_chars, "dedup": "exact, blake2b-64",
                          **counts["cleaning"], "bad_lines": counts["bad_lines"]},
             "split": {"method": "blake2b-64 of the cleaned text keyed by the seed", "seed": args.seed,
@@ -400,7 +405,7 @@ def _tokenize_corpus(args: PrepareArgs, paths: list[str], tokenizer: Tokenizer, 
     if not any(s["documents"] for s in splits.values()):
         raise PrepareError(_empty_corpus_message(cleaner, bad_lines, "no documents left after cleaning"))
     return {"splits": splits, "cleaning": cleaner.counts(), "bad_lines": bad_lines.count if bad_lines else 0,
-            "dtype": np.dtype(dtype).name}
+            "dtype": np.dtype(dtype).name, "files": {name: entry for w in writers for name, entry in w.files.items()}}
 
 
 def _batches(documents: Iterator[Document], cleaner: Cleaner) -> Iterator[tuple[list[str], np.ndarray]]:

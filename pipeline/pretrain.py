@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file
 import numpy as np
 
 from pipeline.cli import arg, parse, run_main
+from pipeline.files import check_output_folder
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Flag errors that need no data and no process group."""
+    check_output_folder(args.output)
     for name in ("train_steps", "seq_length", "log_interval", "eval_batches", "keep_checkpoints"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -80,20 +82,16 @@ def check_args(args: Args) -> None:
 
 
 def load_data_folders(folders: list[str]):
-    """The tokenizer of the first folder; every folder must have been prepared with the same one."""
-    from pipeline.data.tokenizer import Tokenizer
+    """The tokenizer of the first folder. Every folder is opened and checked now, before any process group
+    (manifest, tokenizer, shards: pipeline/data/prepared.py), and must have been prepared with the same tokenizer."""
+    from pipeline.data.prepared import open_prepared
 
-    fingerprints = []
-    for folder in folders:
-        manifest = os.path.join(folder, "manifest.json")
-        if not os.path.isfile(manifest):
-            raise FileNotFoundError(f"--data {folder}: no manifest.json; prepare it first with "
-                                    f"`python -m pipeline.prepare --input ... --output {folder}`")
-        fingerprints.append(json.load(open(manifest, encoding="utf-8"))["tokenizer"]["sha256"])
+    opened = [open_prepared(folder, flag="--data") for folder in folders]
+    fingerprints = [data.manifest["tokenizer"]["sha256"] for data in opened]
     if len(set(fingerprints)) > 1:
         raise ValueError(f"--data folders were prepared with different tokenizers ({dict(zip(folders, fingerprints))}); "
                          "prepare them all with the same --tokenizer")
-    return Tokenizer.load(folders[0])
+    return opened[0].tokenizer
 
 
 class PretrainTask:
@@ -242,7 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = detect_accelerator()
     tokenizer = load_data_folders(args.data)
     special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    model_config, _ = load_model_config(args.model, tokenizer.vocab_size, special)
+    model_config, checkpoint = load_model_config(args.model, tokenizer.vocab_size, special)
+    if checkpoint is not None:
+        from pipeline.data.prepared import check_model_tokenizer
+
+        check_model_tokenizer(checkpoint, tokenizer, "--model", f"the tokenizer of --data {args.data[0]}",
+                              f"prepare the data with the model's (`python -m pipeline.prepare --tokenizer {checkpoint} "
+                              "...`), or train a fresh model (a preset) on it")
     check_objective(model_config, args.objective, args.model)
     limit = max_positions(model_config)
     if limit is not None and args.seq_length > limit:
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--objective mlm needs a mask token; the tokenizer of {args.data[0]} has none")
     ds_config, warnings = dsconf.resolve_ds_config(dsconf.load_ds_config(args.deepspeed_config), world_size=world_size,
                                                    train_steps=args.train_steps, output_dir=args.output,
-                                                   accelerator=accelerator)
+                                                   accelerator=accelerator, source=args.deepspeed_config)
     if dsconf.pipeline_stages_of(ds_config) > 1:
         from pipeline.models.pipe import check_pipeline
 

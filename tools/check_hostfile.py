@@ -4,7 +4,10 @@
     python tools/check_hostfile.py hostfiles/two_nodes --check-ssh --ssh-port 22 -- pipeline/pretrain.py --data d ...
 
 Parses exactly as `deepspeed` does (`HOST slots=N` per line, `#` comments and blank lines ignored; a
-host listed twice is an error) but reports every bad line with its number at once. `--check-ssh`
+host listed twice is an error) but reports every bad line with its number at once. A host name must
+look like one (letters, digits, `.`, `-`, `_`, `:` and `[]%` for IPv6, not starting with `-`): deepspeed
+hands it to pdsh and ssh, so a name with shell metacharacters, or one that ssh would read as an
+option, is an error here. `--check-ssh`
 tries password-less ssh to each host (BatchMode, with a timeout) and checks that pdsh is installed,
 which the default multi-node launch needs. Everything after `--` is the script and its arguments for
 the printed commands; each value is shell-quoted.
@@ -20,6 +23,7 @@ import sys
 from collections import OrderedDict
 
 LINE = re.compile(r"^(\S+)\s+slots=(\d+)")  # deepspeed.launcher.runner._parse_hostfile's pattern
+HOSTNAME = re.compile(r"^[A-Za-z0-9_.:\[\]%][A-Za-z0-9_.:\[\]%-]*$")  # DNS names, IPv4 and IPv6 addresses
 
 
 def parse_hostfile(path: str) -> tuple[OrderedDict, list[str]]:
@@ -37,6 +41,10 @@ def parse_hostfile(path: str) -> tuple[OrderedDict, list[str]]:
                 problems.append(f"{path}:{number}: {line!r} is not 'HOSTNAME slots=N'")
                 continue
             host, slots = match.group(1), int(match.group(2))
+            if not HOSTNAME.match(host):
+                problems.append(f"{path}:{number}: {host!r} is not a host name (expected letters, digits and . - _ : "
+                                "[ ] %, not starting with -)")
+                continue
             if host in first_seen:
                 problems.append(f"{path}:{number}: host {host!r} again (first on line {first_seen[host]}); "
                                 "deepspeed refuses duplicate hosts")
@@ -56,7 +64,8 @@ def check_ssh(host: str, port: int | None, timeout: int) -> str | None:
     if port:
         cmd += ["-p", str(port)]
     try:
-        r = subprocess.run([*cmd, host, "true"], capture_output=True, text=True, timeout=timeout + 5)
+        # A list, no shell; "--" ends ssh's options, so the host can never be read as one.
+        r = subprocess.run([*cmd, "--", host, "true"], capture_output=True, text=True, timeout=timeout + 5)
     except (subprocess.TimeoutExpired, FileNotFoundError) as e:
         return str(e)
     return None if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
@@ -64,14 +73,14 @@ def check_ssh(host: str, port: int | None, timeout: int) -> str | None:
 
 def launch_commands(hostfile: str, hosts: OrderedDict, script: list[str], master_port: int,
                     ssh_port: int | None) -> tuple[str, list[str]]:
-    """(the default pdsh/ssh command run on the first node, one --no_ssh command per node)."""
+    """(the default pdsh/ssh command run on the first node, one --no_ssh command per node), each a shell
+    command line in which every value (hostfile path, host, script arguments) is quoted with shlex."""
     master = next(iter(hosts))
-    tail = " ".join(shlex.quote(a) for a in script)
-    ssh = f" --ssh_port {ssh_port}" if ssh_port else ""
-    default = (f"deepspeed --hostfile {shlex.quote(hostfile)}{ssh} --master_addr {shlex.quote(master)} "
-               f"--master_port {master_port} {tail}")
-    per_node = [f"deepspeed --hostfile {shlex.quote(hostfile)} --no_ssh --node_rank {i} --master_addr "
-                f"{shlex.quote(master)} --master_port {master_port} {tail}" for i in range(len(hosts))]
+    ssh = ["--ssh_port", str(ssh_port)] if ssh_port else []
+    default = shlex.join(["deepspeed", "--hostfile", hostfile, *ssh, "--master_addr", master,
+                          "--master_port", str(master_port), *script])
+    per_node = [shlex.join(["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(i), "--master_addr",
+                            master, "--master_port", str(master_port), *script]) for i in range(len(hosts))]
     return default, per_node
 
 
@@ -86,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ssh-timeout", type=int, default=5, help="seconds per ssh attempt (default: 5)")
     p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first host (default: 29500)")
     args = p.parse_args(own)
+    for flag, port in (("--ssh-port", args.ssh_port), ("--master-port", args.master_port)):
+        if port is not None and not 0 < port < 65536:
+            p.error(f"{flag} {port}: a port is between 1 and 65535")
+    if args.ssh_timeout <= 0:
+        p.error(f"--ssh-timeout must be positive, got {args.ssh_timeout}")
 
     try:
         hosts, problems = parse_hostfile(args.hostfile)

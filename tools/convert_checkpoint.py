@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # export_checkpoint beside this file
 
+from pipeline.cli import run_main  # noqa: E402
 from pipeline.training import latest_tag  # noqa: E402
 
 
@@ -30,7 +31,8 @@ def to_universal(run: str, tag: str | None) -> str:
     checkpoint_dir = os.path.join(run, "checkpoints")
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
-        raise SystemExit(f"convert_checkpoint: error: {checkpoint_dir}: no checkpoint {tag or '(no latest)'}")
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint {tag or '(no latest)'}; give one of its "
+                                "global_stepN folders with --tag")
     out_tag = f"{tag}_universal"
     out, tmp = os.path.join(checkpoint_dir, out_tag), os.path.join(checkpoint_dir, f".{out_tag}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,4 +69,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "convert_checkpoint")

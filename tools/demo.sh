@@ -71,4 +71,4 @@ print(f"| stage | output | results |\n|---|---|---|")
 for stage, path, s, keys in rows:
     print(f"| {stage} | {path} | " + ", ".join(f"{k} {fmt(s[k])}" for k in keys if s.get(k) is not None) + " |")
 PY
-echo "TensorBoard: tensorboard --logdir $OUT (every run's tensorboard/ folder)"
+echo "TensorBoard: tensorboard --logdir $(printf '%q' "$OUT") (every run's tensorboard/ folder)"

@@ -36,7 +36,7 @@ def count_params(model: str, vocab_size: int) -> tuple[int, int, object]:
     config, _ = load_model_config(model, vocab_size, {})
     cls = AutoModelForMaskedLM if config.model_type in ("bert", "roberta", "distilbert", "electra") else AutoModelForCausalLM
     with torch.device("meta"):
-        m = cls.from_config(config)
+        m = cls.from_config(config, trust_remote_code=False)
     total = sum(p.numel() for p in m.parameters())
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
     return total, largest, config
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--pipeline-stages", type=int, default=2, help="stages for the pipeline row (ZeRO-1 inside)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU, to pick a config that fits")
     args = p.parse_args(argv)
+    for name in ("vocab_size", "seq_length", "micro_batch", "gpus_per_node", "nodes", "pipeline_stages", "gpu_memory"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
     total, largest, config = count_params(args.model, args.vocab_size)
     gpus = args.gpus_per_node * args.nodes
@@ -116,4 +119,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run_main
+
+    run_main(main, "estimate_memory")

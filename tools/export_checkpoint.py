@@ -9,22 +9,56 @@ weights of a plain fp32 checkpoint, and writes safetensors + config + the HF tok
 A pipeline-parallel checkpoint (layer_XX-model_states.pt files, one per pipeline layer) gives the
 module weights of its layers (in the run's training precision, as the run's own RUN/hf export),
 mapped to HF names by pipeline/models/pipe.py.
+
+Checkpoint files are pickles, and unpickling can run code: every file this tool reads is loaded with
+`torch.load(weights_only=True)`, which builds only tensors, containers and the few DeepSpeed classes in
+`DEEPSPEED_SAFE_GLOBALS` (a ZeRO optimizer's loss scaler, its stage enum, fragment addresses). DeepSpeed's
+own ZeRO consolidation (deepspeed.utils.zero_to_fp32) loads with weights_only=False and offers no way to
+change that, so each file of the tag is first loaded weights-only here (memory-mapped: the tensors are not
+read), and a file holding anything else is refused before DeepSpeed unpickles it.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import pickle
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from pipeline.cli import run_main  # noqa: E402
 from pipeline.data.tokenizer import Tokenizer  # noqa: E402
 from pipeline.export import save_hf  # noqa: E402
+from pipeline.files import check_output_folder  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.training import latest_tag  # noqa: E402
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes besides tensors and containers that DeepSpeed 0.19 pickles into checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, mmap: bool = False):
+    """torch.load that builds nothing but tensors, containers and DeepSpeed's checkpoint classes."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refusing to load: it holds objects other than tensors and DeepSpeed's checkpoint "
+                         f"classes, which only an unsafe (code-running) unpickling would build ({reason}); export "
+                         "only checkpoints from a source you trust") from None
+    except RuntimeError as e:  # not a zip archive, truncated, ...
+        raise ValueError(f"{path}: not a readable checkpoint file ({str(e).strip().splitlines()[0]})") from None
 
 
 def checkpoint_state_dict(checkpoint_dir: str, tag: str, config=None) -> dict[str, torch.Tensor]:
@@ -40,10 +74,17 @@ def checkpoint_state_dict(checkpoint_dir: str, tag: str, config=None) -> dict[st
             raise ValueError(f"{folder} is a pipeline checkpoint: its layers map to HF names with the model config")
         return pipe.pipe_to_hf(pipe.read_layer_files(folder), config)
     if any(name.endswith("optim_states.pt") for name in os.listdir(folder)):
+        for path in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+            load_weights_only(path, mmap=True)  # refuses anything but weights before DeepSpeed's unsafe load
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     # ZeRO-0 in fp32: the module's weights are in the model-states file.
     path = os.path.join(folder, "mp_rank_00_model_states.pt")
-    return {k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=False)["module"].items()}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; {folder} is not a complete DeepSpeed checkpoint")
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise ValueError(f"{path}: no 'module' weights; not a DeepSpeed model-states file")
+    return {k: v.float() for k, v in state["module"].items()}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -54,14 +95,14 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
     args = p.parse_args(argv)
 
-    run_args_path = os.path.join(args.run, "args.json")
-    if not os.path.isfile(run_args_path):
-        p.error(f"{run_args_path}: missing; is {args.run} a run folder written by a pipeline stage?")
-    run_args = json.load(open(run_args_path, encoding="utf-8"))
+    run_args = read_run_args(args.run)
     checkpoint_dir = os.path.join(args.run, "checkpoints")
     tag = args.tag or latest_tag(checkpoint_dir)
     if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
-        p.error(f"{checkpoint_dir}: no checkpoint {tag or '(no latest)'}")
+        raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint {tag or '(no latest)'}; give one of its "
+                                "global_stepN folders with --tag")
+    if args.output:
+        check_output_folder(args.output)
 
     tokenizer = Tokenizer.load(run_args["data"][0])
     special = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
@@ -69,7 +110,7 @@ def main(argv: list[str] | None = None) -> str:
     missing, unexpected = model.load_state_dict(checkpoint_state_dict(checkpoint_dir, tag, model.config), strict=False)
     tied = {k for k in missing if model.config.tie_word_embeddings and "lm_head" in k or "decoder" in k}
     if set(missing) - tied or unexpected:
-        raise SystemExit(f"export: checkpoint {tag} does not match the model {run_args['model']}: "
+        raise ValueError(f"{checkpoint_dir}/{tag}: does not match the model {run_args['model']}: "
                          f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
     model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
@@ -79,5 +120,22 @@ def main(argv: list[str] | None = None) -> str:
     return output
 
 
+def read_run_args(run: str) -> dict:
+    """RUN/args.json of a pretraining run: the model, objective and data the checkpoint belongs to."""
+    path = os.path.join(run, "args.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing; is {run} a run folder written by a pipeline stage?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            run_args = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    missing = [k for k in ("data", "model", "objective") if not isinstance(run_args, dict) or k not in run_args]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}; this tool exports pipeline.pretrain runs (a finetune or "
+                         "compress run's export is its hf/ folder)")
+    return run_args
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main, "export_checkpoint")

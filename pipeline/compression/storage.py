@@ -166,7 +166,7 @@ def load_compressed(path: str, runtime: str = "auto") -> nn.Module:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this code reads "
                          f"{FORMAT!r} version {VERSION}")
     runtime = resolve_runtime(runtime)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     tensors = load_file(os.path.join(path, WEIGHTS))
     model = construct(meta["architecture"], config)
     state = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in meta["modules"])}

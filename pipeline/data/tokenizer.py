@@ -64,15 +64,19 @@ class Tokenizer:
     @staticmethod
     def load(path: str, num_threads: int = 1) -> Tokenizer:
         """Load a prepared data folder (DIR/tokenizer.model or DIR/tokenizer/), a SentencePiece .model file, or a
-        HuggingFace tokenizer folder (local files only, no remote code)."""
+        HuggingFace tokenizer folder (local files only, no remote code). The tokenizer of a prepared folder must be
+        the one its manifest.json records (the shards hold that tokenizer's ids): a replaced or damaged one is an
+        error here, whichever stage loads it."""
         if os.path.isdir(path):
             names = set(os.listdir(path))
             if names & {"tokenizer.json", "tokenizer_config.json"}:
                 return HFTokenizer(path)
             if SP_MODEL_FILE in names:
-                return SentencePieceTokenizer.from_file(os.path.join(path, SP_MODEL_FILE), num_threads)
+                file = os.path.join(path, SP_MODEL_FILE)
+                return _check_recorded(SentencePieceTokenizer.from_file(file, num_threads), file, path)
             if os.path.isdir(os.path.join(path, HF_FOLDER)):
-                return HFTokenizer(os.path.join(path, HF_FOLDER))
+                folder = os.path.join(path, HF_FOLDER)
+                return _check_recorded(HFTokenizer(folder), folder, path)
             raise TokenizerError(f"{path}: no tokenizer here (expected {SP_MODEL_FILE}, a {HF_FOLDER}/ folder, or "
                                  "an HF tokenizer folder with tokenizer.json or tokenizer_config.json)")
         if os.path.isfile(path):
@@ -98,6 +102,10 @@ class Tokenizer:
 
     @property
     def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def vocabulary(self) -> dict[str, int]:
+        """piece -> id: two tokenizers with the same vocabulary give the same ids to the same pieces."""
         raise NotImplementedError
 
     def special_ids(self) -> dict[str, int | None]:
@@ -181,6 +189,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def vocabulary(self) -> dict[str, int]:
+        return {self.sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.model_proto).hexdigest()
@@ -242,6 +253,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def vocabulary(self) -> dict[str, int]:
+        return self.tok.get_vocab()
+
     @property
     def fingerprint(self) -> str:
         # The hash of what save_pretrained writes: it names the tokenizer, not the other files of a model folder.
@@ -258,6 +272,30 @@ class HFTokenizer(Tokenizer):
 
     def save_hf(self, directory: str) -> None:
         self.tok.save_pretrained(directory)
+
+
+def _check_recorded(tok: Tokenizer, where: str, folder: str) -> Tokenizer:
+    """`tok`, loaded from `where` in the prepared folder `folder`, if it is the tokenizer that folder's manifest.json
+    records; a folder without manifest.json (a tokenizer saved by hand) is taken as it is."""
+    import json  # here, not at the top: only prepared folders need it
+
+    manifest = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(manifest):
+        return tok
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            recorded = json.load(f)["tokenizer"]
+        sha256, vocab_size = recorded["sha256"], recorded["vocab_size"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, bad UTF-8, a missing key or a non-object
+        raise TokenizerError(f"{manifest}: unreadable, or it has no tokenizer sha256 and vocab_size ({e!r}); "
+                             "re-run `python -m pipeline.prepare` with --overwrite to rewrite the folder") from None
+    if tok.fingerprint != sha256 or tok.vocab_size != vocab_size:
+        raise TokenizerError(
+            f"{where}: not the tokenizer {folder} was prepared with ({tok.vocab_size} pieces, sha256 "
+            f"{tok.fingerprint[:16]}...; {manifest} records {vocab_size} pieces, sha256 {str(sha256)[:16]}...): it was "
+            "replaced or damaged after the shards were written, and their ids belong to the recorded one. Put the "
+            "original back, or re-run `python -m pipeline.prepare` with --overwrite to tokenize the data with this one")
+    return tok
 
 
 def folder_sha256(path: str) -> str:
