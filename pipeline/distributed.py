@@ -48,12 +48,19 @@ def threads_per_rank(local_size: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, local_size))
 
 
+_one_process = False  # setup() filled a one-rank world in this process
+
+
 def setup() -> Dist:
     """Fill a one-rank world when no launcher did, pick the accelerator, size threads, start the
     process group (gloo on CPU, nccl on CUDA, as DeepSpeed's accelerator chooses)."""
     import torch
 
-    if "RANK" not in os.environ:  # plain `python -m pipeline.<stage>`: a world of one
+    global _one_process
+    # Started by deepspeed/torchrun, or a plain process (whose world this function filled, maybe earlier).
+    launched = "RANK" in os.environ and not _one_process
+    if not launched:  # plain `python -m pipeline.<stage>`: a world of one
+        _one_process = True
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -79,7 +86,64 @@ def setup() -> Dist:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(verbose=False)
     release_shm_buffer(rank)
+    if launched:
+        exit_with_launcher(rank)
     return Dist(rank, world, local_rank, local_size, accelerator)
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter in /proc/PID/stat (R, S, Z for a zombie...), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def exit_with_launcher(rank: int, interval: float = 1.0) -> None:
+    """A launcher killed with -9 cannot stop its ranks: they would train on, orphaned, writing into the
+    run folder that the rerun of the command uses too. A daemon thread watches the process that started
+    this rank (DeepSpeed's per-node `launch.py`, or torchrun) and, on DeepSpeed's single-node path, the
+    `deepspeed` command above it; when one is gone (or a zombie) the rank exits at once, as a kill
+    would: the rerun resumes from the last complete checkpoint. Linux only (/proc); elsewhere a no-op."""
+    import threading
+    import time
+
+    if not os.path.isdir("/proc") or any(t.name == "exit-with-launcher" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+    watched = [parent]
+    grandparent = _parent_of(parent)
+    if (grandparent and "deepspeed.launcher.launch" in _command_line(parent)
+            and "deepspeed" in _command_line(grandparent)):
+        watched.append(grandparent)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            gone = [pid for pid in watched if _process_state(pid) in (None, "Z", "X")]
+            if gone or os.getppid() != parent:
+                print(f"rank {rank}: the launcher (pid {gone[0] if gone else parent}) has gone; stopping this rank. "
+                      "Rerun the same command to resume from the last complete checkpoint.", flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def shm_buffer_path(rank: int) -> str:
@@ -104,14 +168,15 @@ def release_shm_buffer(rank: int) -> None:
 
 
 def teardown(success: bool = True) -> None:
-    """Destroy the process group: without it rank 0 sometimes aborts at exit with
-    'terminate called without an active exception' (exit 250) after a good run.
-    After a failure there is no barrier: the other ranks may never reach it."""
+    """After a good run: barrier, then destroy the process group (without it rank 0 sometimes aborts
+    at exit with 'terminate called without an active exception', exit 250). After a failure: nothing.
+    The other ranks may never reach a barrier, and destroying the group would close the connections
+    before Python prints this rank's traceback: the peers would report 'Connection reset by peer'
+    first and bury the real error. The launcher stops the peers once this rank exits."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        if success:
-            dist.barrier()
+    if success and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -8,7 +8,11 @@ With a pipeline engine (a `pipeline` block with stages > 1) each optimizer step 
 Checkpoints: `RUN/checkpoints/global_stepN/` in DeepSpeed's layout, plus one `rng_rankR.pt` per
 rank. `latest` is written by this loop (not DeepSpeed) after every rank has finished its files,
 under a temporary name and then renamed: a kill mid-save never leaves `latest` naming a partial
-checkpoint. The last `keep` checkpoints are kept.
+checkpoint. A checkpoint folder newer than the one `latest` names (or any, with no `latest`) was being
+written when the run died: resume says so and removes it. The last `keep` checkpoints are kept.
+Before the first step every rank checks that it can write the checkpoint folder and that a
+checkpoint fits (free space, the file-size limit); a save that fails anyway stops the run naming the
+folder, with `latest` still naming the last complete checkpoint.
 
 Best checkpoint and early stopping (optional; finetuning uses them, pretraining does not): with
 `LoopSettings.best_metric` set (a key of the task's evaluation, e.g. "macro_f1" or "loss"), the loop
@@ -16,14 +20,17 @@ also evaluates at the last step, and each evaluation that improves the metric sa
 names it in `RUN/checkpoints/best` (JSON: tag, step, metric, value), written before `latest` and never
 removed by the rotation. After `patience` evaluations in a row without improvement the loop saves a
 checkpoint and stops. Resume restores the tracking: the best value comes from `best`, the count of
-evaluations since from the evaluation steps after it. The value that decides is rank 0's, broadcast, so
+evaluations since from the evaluation steps after it. Each checkpoint also carries the best record
+as it stood, and resume rewrites `best` from it, so a kill between the two files loses nothing. The value that decides is rank 0's, broadcast, so
 every rank takes the same branch (a save is a collective).
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -72,6 +79,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, file-size limit, unwritable folder)."""
+
+
+# DeepSpeed's dynamic loss scaler raises a bare Exception with this text when fp16 gradients still
+# overflow at the minimum scale; the loop turns it into a NonFiniteLoss with the step and a hint.
+_LOSS_SCALE_AT_MINIMUM = "loss scale already at minimum"
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def _rng_state() -> dict:
@@ -95,7 +111,23 @@ def checkpoint_tags(checkpoint_dir: str) -> list[str]:
     if not os.path.isdir(checkpoint_dir):
         return []
     tags = [t for t in os.listdir(checkpoint_dir) if re.fullmatch(r"global_step\d+", t)]
-    return sorted(tags, key=lambda t: int(t[len("global_step"):]))
+    return sorted(tags, key=tag_step)
+
+
+def tag_step(tag: str) -> int:
+    return int(tag[len("global_step"):])
+
+
+def incomplete_tags(checkpoint_dir: str) -> list[str]:
+    """Checkpoint folders that no `latest` ever named: newer than the latest one (all, with no `latest`).
+    They were being written when the run stopped."""
+    latest = latest_tag(checkpoint_dir)
+    if latest is None:
+        return checkpoint_tags(checkpoint_dir)
+    named = re.match(r"global_step(\d+)", latest)  # also global_stepN_universal
+    if not named:
+        return []  # a tag named by hand: nothing to compare with
+    return [t for t in checkpoint_tags(checkpoint_dir) if tag_step(t) > int(named.group(1))]
 
 
 def latest_tag(checkpoint_dir: str) -> str | None:
@@ -137,11 +169,80 @@ def best_checkpoint(checkpoint_dir: str) -> dict | None:
         return json.load(f)
 
 
+def checkpoint_bytes(engine) -> int:
+    """About what one checkpoint takes on disk, all ranks together: the weights in their training precision
+    plus fp32 master weights and two Adam moments (12 bytes per parameter)."""
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    weight_bytes = 4 if not (engine.bfloat16_enabled() or engine.fp16_enabled()) else 2
+    return params * (weight_bytes + 12)
+
+
+def check_checkpoint_room(engine, settings: LoopSettings) -> None:
+    """Fail before the first step, not at the first save: the checkpoint folder must be writable, a
+    checkpoint must fit on its disk and under the file-size limit (`ulimit -f`)."""
+    import resource
+
+    if settings.save_interval <= 0:
+        return
+    folder = settings.checkpoint_dir
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_rank{engine.global_rank}")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {folder}: {e.strerror or e}; choose another --output "
+                              "or fix the folder's permissions") from e
+    need = checkpoint_bytes(engine)
+    world = engine.world_size if hasattr(engine, "world_size") else 1
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CheckpointError(f"{folder} has {free / 2**20:,.0f} MB free, and one checkpoint of this model takes "
+                              f"about {need / 2**20:,.0f} MB; free space or choose another --output")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    largest = need // max(1, world) if engine.zero_optimization_stage() > 0 else need
+    if limit != resource.RLIM_INFINITY and limit < largest:
+        raise CheckpointError(f"the file-size limit (ulimit -f) is {limit / 2**20:,.1f} MB, but a checkpoint file "
+                              f"of this model takes about {largest / 2**20:,.1f} MB; raise the limit "
+                              "(ulimit -f unlimited) or set --save-interval 0")
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes besides tensors and containers that DeepSpeed 0.19 pickles into checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, mmap: bool = False):
+    """torch.load that builds nothing but tensors, containers and DeepSpeed's checkpoint classes."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refusing to load: it holds objects other than tensors and DeepSpeed's checkpoint "
+                         f"classes, which only an unsafe (code-running) unpickling would build ({reason}); export "
+                         "only checkpoints from a source you trust") from None
+    except RuntimeError as e:  # not a zip archive, truncated, ...
+        raise ValueError(f"{path}: not a readable checkpoint file ({str(e).strip().splitlines()[0]})") from None
+
+
 def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dict, best: dict | None = None) -> None:
     """`best`: name this checkpoint in RUN/checkpoints/best (written before `latest`)."""
     tag = f"global_step{step}"
-    engine.save_checkpoint(settings.checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(settings.checkpoint_dir, tag, f"rng_rank{engine.global_rank}.pt"))
+    try:
+        engine.save_checkpoint(settings.checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), os.path.join(settings.checkpoint_dir, tag, f"rng_rank{engine.global_rank}.pt"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        previous = latest_tag(settings.checkpoint_dir)
+        raise CheckpointError(
+            f"could not write checkpoint {os.path.join(settings.checkpoint_dir, tag)} on rank {engine.global_rank}: "
+            f"{e}. Nothing complete was lost: `latest` still names {previous or 'no checkpoint'}, and a rerun of the "
+            "same command resumes from it once there is room (free space, raise `ulimit -f`)") from e
     barrier()  # every rank's files are on disk before `latest` may name them
     if engine.global_rank == 0:
         if best is not None:
@@ -150,6 +251,8 @@ def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dic
         tmp = os.path.join(settings.checkpoint_dir, "latest.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, os.path.join(settings.checkpoint_dir, "latest"))
         for old in checkpoint_tags(settings.checkpoint_dir)[:-settings.keep_checkpoints]:
             if old != kept:  # the best checkpoint outlives the rotation
@@ -158,10 +261,25 @@ def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dic
 
 
 def resume(engine, task: Task, settings: LoopSettings) -> int:
-    """Load `latest` when there is one; returns the step to continue from (0 for a fresh run)."""
+    """Load `latest` when there is one; returns the step to continue from (0 for a fresh run).
+    Checkpoint folders that `latest` never named were cut off mid-save: reported and removed."""
+    partial = incomplete_tags(settings.checkpoint_dir)
     tag = latest_tag(settings.checkpoint_dir)
+    barrier()  # every rank has looked before rank 0 removes anything
+    if partial and engine.global_rank == 0:
+        for t in partial:
+            print(f"checkpoint {os.path.join(settings.checkpoint_dir, t)} is incomplete (the run stopped while "
+                  f"writing it): removed; resuming from {tag or 'the start'}", flush=True)
+            shutil.rmtree(os.path.join(settings.checkpoint_dir, t), ignore_errors=True)
+    barrier()
     if tag is None:
         return 0
+    # DeepSpeed unpickles checkpoint files in full (weights_only=False): check them weights-only first,
+    # each rank a share of the files, so a file that would run code on load is refused before that.
+    files = sorted(glob.glob(os.path.join(settings.checkpoint_dir, tag, "**", "*.pt"), recursive=True))
+    for path in files[engine.global_rank::max(1, engine.world_size)]:
+        load_weights_only(path, mmap=True)
+    barrier()
     with torch.no_grad():  # a pipeline engine re-broadcasts tied weights in place while loading
         path, client_state = engine.load_checkpoint(settings.checkpoint_dir, tag=tag)
     if path is None:
@@ -170,6 +288,9 @@ def resume(engine, task: Task, settings: LoopSettings) -> int:
     rng_file = os.path.join(settings.checkpoint_dir, tag, f"rng_rank{engine.global_rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming at another world size: data order is still exact
         _set_rng_state(torch.load(rng_file, weights_only=True))
+    if client_state.get("best") and engine.global_rank == 0:  # the record as it stood at this checkpoint
+        write_json(os.path.join(settings.checkpoint_dir, BEST_FILE), client_state["best"])
+    barrier()
     return int(client_state["step"])
 
 
@@ -194,6 +315,13 @@ class _BestTracker:
     @property
     def exhausted(self) -> bool:
         return self.settings.patience > 0 and self.bad >= self.settings.patience
+
+    def record(self) -> dict | None:
+        """What `best` holds now; saved inside each checkpoint too."""
+        if self.value is None:
+            return None
+        return {"metric": self.settings.best_metric, "value": self.value, "step": self.step,
+                "tag": f"global_step{self.step}"}
 
     def update(self, step: int, metrics: dict[str, float]) -> bool:
         """Whether this evaluation improved the metric (rank 0's value decides, for every rank)."""
@@ -247,21 +375,30 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
                              "whole step (forward, backward, optimizer step) in one call")
         micro_batches = task.micro_batches()  # lazy: the data position moves only as the engine reads
 
+    check_checkpoint_room(engine, settings)
     while step < settings.train_steps and not stopped:
         recent.zero_()
-        if pipelined:
-            # One call runs the schedule of all `accum` micro-batches through all stages, the gradient
-            # all-reduce and the optimizer step; it returns their mean loss, averaged over data-parallel
-            # replicas, on every stage. Summed over micro-batches like the loop below: x accum.
-            recent += engine.train_batch(micro_batches).detach().float() * accum
-        for micro in range(0 if pipelined else accum):
-            batch = task.next_batch()
-            loss = task.loss(engine, batch)
-            engine.backward(loss)
-            if before_step is not None and micro == accum - 1:
-                before_step(engine, step + 1)
-            engine.step()
-            recent += loss.detach().float()
+        try:
+            if pipelined:
+                # One call runs the schedule of all `accum` micro-batches through all stages, the gradient
+                # all-reduce and the optimizer step; it returns their mean loss, averaged over data-parallel
+                # replicas, on every stage. Summed over micro-batches like the loop below: x accum.
+                recent += engine.train_batch(micro_batches).detach().float() * accum
+            for micro in range(0 if pipelined else accum):
+                batch = task.next_batch()
+                loss = task.loss(engine, batch)
+                engine.backward(loss)
+                if before_step is not None and micro == accum - 1:
+                    before_step(engine, step + 1)
+                engine.step()
+                recent += loss.detach().float()
+        except Exception as e:
+            if _LOSS_SCALE_AT_MINIMUM not in str(e):
+                raise
+            raise NonFiniteLoss(
+                f"fp16 gradients overflowed at step {step + 1} even at the minimum loss scale (the scale collapsed): "
+                "train in bf16 (the configs without _fp16) if the hardware has it, lower the learning rate, raise "
+                "warmup or gradient clipping, or check the data") from e
         step += 1
         interval_steps += 1
         # Remember the first non-finite step without a host sync; checked at log time.
@@ -327,7 +464,8 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
                         monitor.print(f"step {step:>6} | early stop: no better {settings.best_metric} in "
                                       f"{tracker.bad} evaluations (best {tracker.value:.4f} at step {tracker.step})")
             if is_save:
-                save_checkpoint(engine, settings, step, {"step": step, "data": task.state()}, best=best)
+                state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None}
+                save_checkpoint(engine, settings, step, state, best=best)
                 last_saved = step
             spent = time.perf_counter() - t0
             excluded += spent
@@ -337,7 +475,8 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
     timed_seconds = time.perf_counter() - clock - excluded
     tokens_per_sec = (timed_steps * task.tokens_per_step / timed_seconds) if timed_steps and timed_seconds > 0 else None
     if settings.save_interval > 0 and step % settings.save_interval != 0 and step > last_saved:
-        save_checkpoint(engine, settings, step, {"step": step, "data": task.state()})  # the final state
+        state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None}
+        save_checkpoint(engine, settings, step, state)  # the final state
     result = {"steps": step, "train_loss": last["train_loss"], "grad_norm": last["grad_norm"],
               "tokens_per_sec": tokens_per_sec, "perplexity": math.exp(min(last["train_loss"] or 0.0, 50.0))}
     if tracker is not None:

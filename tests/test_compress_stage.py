@@ -228,9 +228,6 @@ def test_heads_and_rows_pruned_on_two_ranks_with_zero2(pruned_run):
     assert losses(run)[-1] < losses(run)[0]
 
 
-@pytest.mark.skip(reason="hung once in the final full run (2 ranks, resumed compress run, killed by the 900 s "
-                         "timeout) after passing twice; skipped so CI cannot hang on it until the cause is found "
-                         "(issue 6 stays open for it)")
 def test_resume_after_pruning_continues_the_uninterrupted_run(pruned_run, llama_init, prepared, prune_config, tmp_path):
     run, _ = pruned_run
     part = tmp_path / "part"

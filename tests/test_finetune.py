@@ -216,9 +216,16 @@ def test_classification_report():
 class FakeEngine:
     device = torch.device("cpu")
     global_rank = 0
+    module = torch.nn.Linear(2, 2)
 
     def __init__(self):
         self.monitor = SimpleNamespace(enabled=False)
+
+    def bfloat16_enabled(self):
+        return False
+
+    def zero_optimization_stage(self):
+        return 0
 
     def gradient_accumulation_steps(self):
         return 1
@@ -285,6 +292,25 @@ def test_loop_keeps_the_best_checkpoint_and_stops_early(tmp_path):
     assert (tracker.value, tracker.step, tracker.bad, tracker.exhausted) == (0.7, 4, 2, True)
     again = train(engine, ScriptedTask([]), settings, Monitor(engine, False, 1.0, None), 8)
     assert again["steps"] == 8 and again["stopped_early"]
+
+
+def test_a_collapsed_fp16_loss_scale_stops_with_the_step_and_a_hint(tmp_path):
+    from pipeline.monitor import Monitor
+    from pipeline.training import LoopSettings, NonFiniteLoss, train
+
+    class Overflowing(FakeEngine):
+        steps = 0
+
+        def step(self):  # what DeepSpeed's dynamic loss scaler raises at its minimum scale
+            self.steps += 1
+            if self.steps == 3:
+                raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+    settings = LoopSettings(train_steps=10, log_interval=100, eval_interval=0, save_interval=0, keep_checkpoints=1,
+                            checkpoint_dir=str(tmp_path))
+    engine = Overflowing()
+    with pytest.raises(NonFiniteLoss, match=r"at step 3 even at the minimum loss scale.*bf16"):
+        train(engine, ScriptedTask([]), settings, Monitor(engine, False, 1.0, None), 0)
 
 
 def test_loop_evaluates_the_last_step_when_tracking(tmp_path):

@@ -69,12 +69,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_it_runs(tmp_path):
 
 
 def test_deepspeed_optimizer_states_pass_the_weights_only_check(tmp_path):
-    import export_checkpoint
 
     path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": {**deepspeed_objects(), "fp32_flat_groups": [torch.ones(3)]},
                 "ds_config": {}, "ds_version": "0.19.8"}, path)
-    loaded = export_checkpoint.load_weights_only(str(path), mmap=True)
+    from pipeline import training
+
+    loaded = training.load_weights_only(str(path), mmap=True)
     assert loaded["optimizer_state_dict"]["fp32_flat_groups"][0].tolist() == [1, 1, 1]
 
 

@@ -12,7 +12,7 @@ mapped to HF names by pipeline/models/pipe.py.
 
 Checkpoint files are pickles, and unpickling can run code: every file this tool reads is loaded with
 `torch.load(weights_only=True)`, which builds only tensors, containers and the few DeepSpeed classes in
-`DEEPSPEED_SAFE_GLOBALS` (a ZeRO optimizer's loss scaler, its stage enum, fragment addresses). DeepSpeed's
+`pipeline.training.deepspeed_safe_globals` (a ZeRO optimizer's loss scaler, its stage enum, fragment addresses). DeepSpeed's
 own ZeRO consolidation (deepspeed.utils.zero_to_fp32) loads with weights_only=False and offers no way to
 change that, so each file of the tag is first loaded weights-only here (memory-mapped: the tensors are not
 read), and a file holding anything else is refused before DeepSpeed unpickles it.
@@ -23,7 +23,6 @@ import argparse
 import glob
 import json
 import os
-import pickle
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,30 +34,7 @@ from pipeline.data.tokenizer import Tokenizer  # noqa: E402
 from pipeline.export import save_hf  # noqa: E402
 from pipeline.files import check_output_folder  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.training import latest_tag  # noqa: E402
-
-
-def deepspeed_safe_globals() -> list:
-    """The classes besides tensors and containers that DeepSpeed 0.19 pickles into checkpoint files."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_weights_only(path: str, mmap: bool = False):
-    """torch.load that builds nothing but tensors, containers and DeepSpeed's checkpoint classes."""
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refusing to load: it holds objects other than tensors and DeepSpeed's checkpoint "
-                         f"classes, which only an unsafe (code-running) unpickling would build ({reason}); export "
-                         "only checkpoints from a source you trust") from None
-    except RuntimeError as e:  # not a zip archive, truncated, ...
-        raise ValueError(f"{path}: not a readable checkpoint file ({str(e).strip().splitlines()[0]})") from None
+from pipeline.training import latest_tag, load_weights_only  # noqa: E402
 
 
 def checkpoint_state_dict(checkpoint_dir: str, tag: str, config=None) -> dict[str, torch.Tensor]:
