@@ -27,9 +27,13 @@ def training_flops_per_token(config, seq_length: int) -> float:
     """Forward + backward FLOPs per token: 6 x (matmul weights) + attention scores and values.
 
     Matmul weights are every 2-D weight of the blocks plus the output head (vocab x hidden, a
-    matmul even when tied to the embedding); embedding lookups are not matmuls. Attention per
-    layer per token: QK^T and AV are each 2 x T x hidden FLOPs forward, x3 for fwd+bwd = 12 x T x hidden.
+    matmul even when tied to the embedding; an encoder's masked-LM head adds its hidden x hidden
+    transform); embedding lookups are not matmuls. Attention per layer per token: QK^T and AV are
+    each 2 x T x hidden FLOPs forward, x3 for fwd+bwd = 12 x T x hidden (the full T x T square, the
+    usual convention, though a causal kernel skips about half of it).
     """
+    from pipeline.models.presets import ENCODERS
+
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
@@ -39,7 +43,7 @@ def training_flops_per_token(config, seq_length: int) -> float:
     attn = hidden * hidden * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
     gated = getattr(config, "model_type", "") in {"llama", "mistral", "qwen2", "gemma"}
     mlp = hidden * inter * (3 if gated else 2)
-    head = config.vocab_size * hidden
+    head = config.vocab_size * hidden + (hidden * hidden if getattr(config, "model_type", "") in ENCODERS else 0)
     matmul_params = layers * (attn + mlp) + head
     return 6.0 * matmul_params + 12.0 * layers * seq_length * hidden
 

@@ -11,12 +11,18 @@ rounding the result to bf16 computes the same numbers (up to summation order) at
 activations and gradients stay bf16, as the DeepSpeed JSON says; only the arithmetic moves.
 
 `use_fp32_kernels_for_bf16(model)` does this for one model, and only where it pays: tensors that are
-bf16 and on the CPU, on a CPU without native bf16 (elsewhere it installs nothing). It works through a
-TorchFunctionMode that is active while any of the model's modules runs forward, so it covers the
-whole model, a pipeline stage's layers and the forward recomputed by activation checkpointing, for
-every architecture (Llama `F.linear`, GPT-2 `torch.addmm`, SDPA, eager attention's `matmul`).
+bf16 and on the CPU, on a CPU without native bf16 (elsewhere it installs nothing). Its `nn.Linear`
+layers call `_LinearInFp32` from their own forward (ZeRO-3 replaces `torch.nn.functional.linear` by its
+memory-efficient linear, whose backward would run torch's bf16 GEMM; `_LinearInFp32` saves the same
+tensors, the bf16 input and the parameter itself, so ZeRO-3 still frees the gathered weight after
+forward). Everything else goes through a TorchFunctionMode that is active while any of the model's
+modules runs forward, so it covers the whole model, a pipeline stage's layers and the forward
+recomputed by activation checkpointing, for every architecture (GPT-2's `torch.addmm`, SDPA, eager
+attention's `matmul`, a functional `F.linear`).
 """
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +93,13 @@ class Fp32KernelsForBf16(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward, with bf16 CPU inputs on fp32 kernels whatever `F.linear` currently is."""
+    if _is_cpu_bf16(x) and self.weight.dtype == torch.bfloat16:
+        return _LinearInFp32.apply(x, self.weight, self.bias)
+    return F.linear(x, self.weight, self.bias)
+
+
 def cpu_lacks_native_bf16() -> bool:
     """True on a CPU whose oneDNN has no native bf16 kernels (AVX512-BF16 or AMX)."""
     from pipeline.config import cpu_has_native_bf16
@@ -99,14 +112,13 @@ def use_fp32_kernels_for_bf16(model: torch.nn.Module) -> torch.nn.Module:
     returning the model untouched, on a CPU with native bf16 or when the model never runs on a CPU."""
     if not cpu_lacks_native_bf16() or torch.cuda.is_available():
         return model
-    params = list(model.parameters())
-    if not params:
-        return model
-    mode, reference = Fp32KernelsForBf16(), params[0]  # DeepSpeed casts parameters in place: `reference` follows
+    mode = Fp32KernelsForBf16()
     depth = [0, False]  # modules nest: the outermost forward enters the mode (when bf16), its return leaves it
 
     def enter(module, args):
-        if depth[0] == 0 and reference.dtype == torch.bfloat16:
+        # The outermost module is the model, or a pipeline stage's layer: its parameters are bf16 once
+        # DeepSpeed has cast them (in place, when the JSON says bf16).
+        if depth[0] == 0 and getattr(next(module.parameters(), None), "dtype", None) == torch.bfloat16:
             mode.__enter__()
             depth[1] = True
         depth[0] += 1
@@ -118,6 +130,8 @@ def use_fp32_kernels_for_bf16(model: torch.nn.Module) -> torch.nn.Module:
             depth[1] = False
 
     for module in model.modules():
+        if type(module).forward is torch.nn.Linear.forward:
+            module.forward = types.MethodType(_linear_forward, module)
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave, always_call=True)  # also when forward raises
     return model

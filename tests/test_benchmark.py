@@ -1,0 +1,109 @@
+"""tools/benchmark.py's arithmetic: the FLOP counter against hand counts, the ceiling's GEMM list against the
+counter, and which shapes, layouts and dtypes the ceiling measures. No timing is asserted."""
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import benchmark  # noqa: E402
+
+from pipeline.models import load_model_config  # noqa: E402
+from pipeline.monitor import training_flops_per_token  # noqa: E402
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 172, "max_position_embeddings": 64, "tie_word_embeddings": True}
+GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+BERT = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 256, "max_position_embeddings": 64}
+
+
+def config_of(tmp_path, fields):
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(fields))
+    return load_model_config(str(path), 100, {})[0]
+
+
+def test_flops_per_token_hand_count_llama(tmp_path):
+    # head_dim 16; q, o: 64x64 each; k, v: 64 x (2 kv heads x 16) each; gated MLP 3 x 64 x 172; tied head 100 x 64.
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 172  # 12288 + 33024 = 45312
+    matmul_params = 2 * per_layer + 100 * 64  # 97024
+    attention = 12 * 2 * 16 * 64  # layers x seq x hidden, QK^T and AV, forward + backward
+    assert training_flops_per_token(config_of(tmp_path, LLAMA), 16) == 6 * matmul_params + attention == 606720
+
+
+def test_flops_per_token_hand_count_gpt2(tmp_path):
+    per_layer = 4 * 64 * 64 + 2 * 64 * 256  # c_attn (3h) + c_proj (h); c_fc and c_proj of the 4h MLP
+    assert training_flops_per_token(config_of(tmp_path, GPT2), 16) == 6 * (2 * per_layer + 100 * 64) + 12 * 2 * 16 * 64
+
+
+@pytest.mark.parametrize("fields", [LLAMA, GPT2, BERT], ids=["llama", "gpt2", "bert"])
+def test_ceiling_gemms_are_the_counted_flops(tmp_path, fields):
+    """The GEMMs the ceiling times are exactly the FLOPs the counter charges to a step (the model is
+    enumerated on the meta device, so embeddings are out and a tied or masked-LM head is in)."""
+    config = config_of(tmp_path, fields)
+    micro, seq = 2, 16
+    gemms = benchmark.step_gemms(config, micro, seq)
+    assert benchmark.gemm_flops(gemms) == training_flops_per_token(config, seq) * micro * seq
+
+
+def test_step_gemms_layouts(tmp_path):
+    config = config_of(tmp_path, LLAMA)
+    gemms = benchmark.step_gemms(config, micro=2, seq=16)
+    n = 2 * 16
+    # The gate projection (64 -> 172): forward x W^T, backward dY W and dY^T X.
+    assert {("nt", 1, n, 64, 172), ("nn", 1, n, 172, 64), ("tn", 1, 172, n, 64)} <= set(gemms)
+    # The tied output head is a matmul too.
+    assert ("nt", 1, n, 64, 100) in gemms
+    # Attention per layer: 2 x 4 heads batches; scores (16 x 16 x 16) and values, forward + backward = 3 each.
+    assert gemms.count(("nt", 8, 16, 16, 16)) == 3 * 2 and gemms.count(("nn", 8, 16, 16, 16)) == 3 * 2
+
+
+@pytest.mark.parametrize("kernel,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                          ("bf16-via-fp32", torch.bfloat16)])
+def test_gemm_operands_shapes_layouts_dtypes(kernel, dtype):
+    a, w = benchmark.gemm_operands("nt", 1, 8, 4, 6, kernel)
+    assert a.shape == (8, 4) and w.shape == (4, 6) and a.dtype == w.dtype == dtype
+    assert a.is_contiguous() and w.t().is_contiguous()  # W stored (out, in), used transposed
+    a, w = benchmark.gemm_operands("tn", 1, 8, 4, 6, kernel)
+    assert a.t().is_contiguous() and w.is_contiguous()
+    a, w = benchmark.gemm_operands("nn", 3, 8, 4, 6, kernel)
+    assert (a @ w).shape == (3, 8, 6)
+
+
+def test_time_gemms_counts_every_gemm_once_per_occurrence():
+    gemms = [("nn", 1, 8, 4, 6)] * 3 + [("nt", 2, 4, 4, 4)]
+    flops, seconds = benchmark._time_gemms(gemms, "fp32", threads=1, min_seconds=0.0)
+    assert flops == 3 * 2 * 8 * 4 * 6 + 2 * 2 * 4 * 4 * 4 and seconds > 0
+
+
+def test_run_kernels():
+    assert set(benchmark.run_kernels("fp32", native_bf16=False).values()) == {"fp32"}
+    emulated = benchmark.run_kernels("bf16", native_bf16=False)
+    assert emulated["ours"] == emulated["ours_1p"] == "bf16-via-fp32"  # pipeline/models/cpu_bf16.py
+    assert emulated["hf_trainer"] == emulated["torch_1p"] == "bf16"
+    assert set(benchmark.run_kernels("bf16", native_bf16=True).values()) == {"bf16"}
+
+
+def test_quick_defaults_and_explicit_flags_win():
+    args = benchmark.parse_args(["--quick", "--rounds", "2"])
+    assert args.rounds == 2 and args.steps == 4 and args.precisions == ["bf16"] and args.report is None
+    full = benchmark.parse_args(["--ranks", "2", "--threads", "3"])
+    assert full.precisions == ["bf16", "fp32"] and full.threads == 3 and full.report.endswith("BENCHMARKS.md")
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--sections", "nonsense"])
+
+
+def test_fp32_variant_disables_half_precision(tmp_path):
+    import json
+
+    paths = benchmark.precision_configs(os.path.join(REPO, "ds_configs", "zero2.json"), ["bf16", "fp32"], str(tmp_path))
+    assert paths["bf16"].endswith("zero2.json")
+    fp32 = json.load(open(paths["fp32"]))
+    assert fp32["bf16"] == {"enabled": False} and "fp16" not in fp32
+    assert fp32["zero_optimization"]["stage"] == 2
