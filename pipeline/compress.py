@@ -27,7 +27,6 @@ Post-training quantization alone (ds_configs/compression/int8_ptq.json) needs no
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -41,7 +40,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/compress.py` runs this file
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.cli import arg, parse, run_main
-from pipeline.files import check_output_folder
+from pipeline.files import check_output_folder, start_run_folder
 
 
 @dataclass
@@ -329,11 +328,7 @@ def run(args: Args, ds_config: dict, warnings: list[str], inputs: Inputs, studen
     compression = compressor.config
     try:
         if dist.is_main:
-            os.makedirs(args.output, exist_ok=True)
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr, flush=True)
-            write_json(os.path.join(args.output, "ds_config.json"), ds_config)
-            write_json(os.path.join(args.output, "args.json"), dataclasses.asdict(args))
+            start_run_folder(args.output, ds_config, args, warnings)
         torch.manual_seed(args.seed)
         device = torch.device("cuda", dist.local_rank) if dist.accelerator == "cuda" else torch.device("cpu")
         original = inputs.model.to(device).eval().requires_grad_(False)  # the baseline, and the frozen teacher

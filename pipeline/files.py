@@ -4,9 +4,11 @@ Light on purpose (standard library only): the prepare stage imports it without t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 
 
 def write_json(path: str, data: dict) -> None:
@@ -41,3 +43,13 @@ def check_output_folder(path: str, flag: str = "--output") -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: {parent} is not a folder; choose another {flag}")
+
+
+def start_run_folder(output: str, ds_config: dict, args, warnings: list[str]) -> None:
+    """Rank 0 of a training stage: create the run folder, print the config warnings once, and record
+    the resolved DeepSpeed JSON and the stage's arguments (`args`: its dataclass)."""
+    os.makedirs(output, exist_ok=True)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    write_json(os.path.join(output, "ds_config.json"), ds_config)
+    write_json(os.path.join(output, "args.json"), dataclasses.asdict(args))

@@ -30,7 +30,6 @@ and counted (summary.json: dropped_empty, truncated).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -43,7 +42,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/finetune.py` runs this file
 import numpy as np
 
 from pipeline.cli import arg, parse, run_main
-from pipeline.files import check_output_folder
+from pipeline.files import check_output_folder, start_run_folder
 
 TASKS = ("classify", "sft")
 METRICS = {"classify": ("macro_f1", "accuracy", "loss"), "sft": ("loss",)}
@@ -508,11 +507,7 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
     finished = False
     try:
         if dist.is_main:
-            os.makedirs(args.output, exist_ok=True)
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr, flush=True)
-            write_json(os.path.join(args.output, "ds_config.json"), ds_config)
-            write_json(os.path.join(args.output, "args.json"), dataclasses.asdict(args))
+            start_run_folder(args.output, ds_config, args, warnings)
         torch.manual_seed(args.seed)  # the same new head and adapters on every rank
         model = build_model(args, data, steps)
         if "activation_checkpointing" in ds_config:

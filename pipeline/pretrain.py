@@ -20,7 +20,6 @@ ds_config.json, args.json, summary.json, tensorboard/, checkpoints/ and hf/ (a H
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # `deepspeed pipeline/pretrain.py` runs this file
 import numpy as np
 
 from pipeline.cli import arg, parse, run_main
-from pipeline.files import check_output_folder
+from pipeline.files import check_output_folder, start_run_folder
 
 
 @dataclass
@@ -286,11 +285,7 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
     finished = False
     try:
         if dist.is_main:
-            os.makedirs(args.output, exist_ok=True)
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr, flush=True)
-            write_json(os.path.join(args.output, "ds_config.json"), ds_config)
-            write_json(os.path.join(args.output, "args.json"), dataclasses.asdict(args))
+            start_run_folder(args.output, ds_config, args, warnings)
         torch.manual_seed(args.seed)
         model = build_model(args.model, args.objective, tokenizer.vocab_size, special)
         pipelined = dsconf.pipeline_stages_of(ds_config) > 1
