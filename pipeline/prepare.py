@@ -7,14 +7,15 @@
 This stage is one process on one machine (no launcher, no torch, no DeepSpeed); `--workers` processes
 tokenize in parallel. Run it once and point the training stages at DIR, on one node or many.
 
-What it does, streaming (memory does not grow with the corpus, apart from 8 bytes a document for the
-offsets and ~60 for the duplicate filter):
+What it does, streaming (memory does not grow with the corpus, apart from 16-32 bytes a document for the
+duplicate filter; the tokenizer trains on a sample of bounded size):
   1. reads documents from jsonl, txt, csv/tsv, parquet or HF `save_to_disk` folders (pipeline/data/readers.py);
   2. cleans: strips the ends of each document (and applies NFKC with --nfkc), drops empty documents,
      documents shorter than --min-chars and exact duplicates (by a 64-bit keyed blake2b of the text);
   3. splits: each document goes to valid, test or train by the same hash keyed with --seed, so a document's
      split depends only on its text and the seed (not on the order, the files or the worker count);
-  4. trains a SentencePiece tokenizer on (up to --max-tokenizer-docs of) the train documents, or loads --tokenizer;
+  4. trains a SentencePiece tokenizer on a deterministic sample of the train documents' lines (at most
+     --tokenizer-sample-mb; a first pass over the corpus), or loads --tokenizer;
   5. tokenizes in batches and writes the shards. decode(ids) of a document is exactly its cleaned text.
 
 DIR gets (all written in a hidden sibling folder that is renamed to DIR at the very end, so an interrupted run
@@ -24,11 +25,14 @@ never leaves a folder that looks complete; an existing DIR is replaced only with
   {train,valid,test}.idx     header and document offsets (format in pipeline/data/shards.py)
   manifest.json              format version, tokenizer (sha256, vocab size, special ids), dtype, counts per split,
                              the size, sha256 and sampled sha256 of each shard file (checked by the stages that open
-                             the folder: pipeline/data/prepared.py), input files (size, sha256), the arguments
+                             the folder: pipeline/data/prepared.py), input files (size, sha256), the arguments that
+                             shape the data (not --output, --workers, --overwrite, --dry-run, --quiet)
   summary.json               documents, tokens, tokens_per_sec (of the pass that reads, cleans, tokenizes and
-                             writes), seconds (the whole run), what cleaning dropped, bad_lines, counts per split
-The shards and the tokenizer are byte-identical for any --workers; manifest.json records the arguments and
-summary.json the timings.
+                             writes), seconds (the whole run), what cleaning dropped, bad_lines, counts per split,
+                             workers
+The shards, the tokenizer and manifest.json are byte-identical for any --workers; summary.json records the
+timings and the worker count. A run killed before the end (kill -9, power loss) leaves its hidden temporary
+folder behind; the next run writing the same DIR removes it.
 
 Bad input stops the run with `prepare: error: FILE:LINE: what was wrong; what was expected`, exit status 2,
 and no output folder.
@@ -42,10 +46,12 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import unicodedata
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,10 +72,20 @@ from pipeline.data.readers import (
 )
 from pipeline.data.shards import VERSION as SHARD_VERSION
 from pipeline.data.shards import ShardWriter, token_dtype
-from pipeline.data.tokenizer import MIN_VOCAB, MODEL_TYPES, SP_MODEL_FILE, Tokenizer, TokenizerError, describe
+from pipeline.data.tokenizer import (
+    MIN_VOCAB,
+    MODEL_TYPES,
+    SAMPLE_BYTES,
+    SP_MODEL_FILE,
+    Tokenizer,
+    TokenizerError,
+    describe,
+)
 from pipeline.files import publish_folder, write_json
 
 SPLITS = ("train", "valid", "test")
+RUN_ONLY_ARGS = ("output", "workers", "overwrite", "dry_run", "quiet")  # how a run went, not what DIR holds
+OWNER_FILE = ".owner"      # in the temporary folder: the host and pid writing it (see _remove_stale_temporaries)
 BATCH_DOCS = 1024          # a batch is this many documents or BATCH_CHARS characters, whichever comes first:
 BATCH_CHARS = 1 << 18      # big enough that per-batch costs vanish, small enough to keep memory flat
 
@@ -117,9 +133,11 @@ class PrepareArgs:
     workers: int = field(default_factory=_usable_cpus, metadata={
         "metavar": "N", "help": "Processes that tokenize in parallel (default: the usable CPUs). 1 tokenizes in this process. "
                 "The output does not depend on it."})
-    max_tokenizer_docs: int = field(default=100_000, metadata={
-        "metavar": "N", "help": "Train the tokenizer on at most this many train documents (the first ones; SentencePiece then "
-                "samples at most 1M lines of them), which bounds the memory and time training takes."})
+    tokenizer_sample_mb: float = field(default=SAMPLE_BYTES / 2**20, metadata={
+        "metavar": "MB", "help": "Train the tokenizer on at most this many megabytes of the train split: a deterministic "
+                "sample of its lines (those whose hash falls under a threshold; each line counts its UTF-8 bytes "
+                "plus 64), the same in every run. It bounds the memory and time training takes: about 3x this for "
+                "BPE, 20x for unigram, whatever the size of the corpus."})
     skip_bad_lines: bool = field(default=False, metadata={
         "help": "Skip and count (as bad_lines in summary.json) jsonl/csv records that are malformed, not UTF-8, "
                 "or lack a string under --text-key, instead of stopping at the first."})
@@ -146,8 +164,8 @@ def parse_args(argv: list[str] | None = None) -> PrepareArgs:
             and args.valid_fraction + args.test_fraction < 1):
         parser.error(f"--valid-fraction {args.valid_fraction} and --test-fraction {args.test_fraction} must be in "
                      "[0, 1) and leave room for train (their sum < 1)")
-    if args.workers < 1 or args.min_chars < 0 or args.max_tokenizer_docs < 1:
-        parser.error("--workers and --max-tokenizer-docs must be at least 1, --min-chars at least 0")
+    if args.workers < 1 or args.min_chars < 0 or not args.tokenizer_sample_mb > 0:
+        parser.error("--workers must be at least 1, --min-chars at least 0 and --tokenizer-sample-mb above 0")
     return args
 
 
@@ -155,13 +173,48 @@ class PrepareError(Exception):
     """A run that cannot go on, with what to do about it."""
 
 
+class HashSet:
+    """A set of 64-bit hashes: an open-addressing table (linear probing) in an array of uint64, where 0 marks an
+    empty slot, kept between 1/4 and 1/2 full. 16-32 bytes a hash, where a Python set of ints takes about 90.
+    The hashes are uniform already, so their low bits are the slot."""
+
+    def __init__(self) -> None:
+        self.table = array("Q", bytes(8 * 1024))
+        self.size = 0
+
+    def add(self, h: int) -> bool:
+        """Add `h`; False when it was there already."""
+        h = h or 1  # 0 marks an empty slot: the hash 0 is taken as 1, a collision as unlikely as any other
+        if not _place(self.table, h):
+            return False
+        self.size += 1
+        if 2 * self.size > len(self.table):  # half full: double the table, and place every hash again
+            old, self.table = self.table, array("Q", bytes(16 * len(self.table)))
+            for kept in old:
+                if kept:
+                    _place(self.table, kept)
+        return True
+
+
+def _place(table: array, h: int) -> bool:
+    """Put `h` in the first free slot from its own (linear probing), unless it is found on the way: then False."""
+    mask = len(table) - 1
+    i = h & mask
+    while (slot := table[i]) != h:
+        if not slot:
+            table[i] = h
+            return True
+        i = (i + 1) & mask
+    return False
+
+
 class Cleaner:
     """Strips, filters, deduplicates and assigns a split to each document; counts what it drops.
 
     One keyed 64-bit blake2b of the cleaned text serves both ends: equal texts have equal hashes (duplicates),
     and hash / 2**64 is a uniform number in [0, 1) that picks the split, the same for a text wherever it appears.
-    64 bits keep the duplicate set small; a false duplicate needs a collision (about n**2 / 2**65: 3e-6 for
-    10M documents).
+    64 bits keep the duplicate set small (`HashSet`); a false duplicate needs a collision (about n**2 / 2**65:
+    3e-6 for 10M documents).
     """
 
     def __init__(self, min_chars: int, nfkc: bool, seed: int, valid_fraction: float, test_fraction: float):
@@ -169,7 +222,7 @@ class Cleaner:
         self.key = str(seed).encode()
         self.valid_below = int(valid_fraction * 2**64)
         self.test_below = self.valid_below + int(test_fraction * 2**64)
-        self.seen: set[int] = set()
+        self.seen = HashSet()
         self.read = self.dropped_empty = self.dropped_short = self.dropped_duplicate = 0
 
     def __call__(self, doc: Document) -> tuple[str, int] | None:
@@ -189,10 +242,9 @@ class Cleaner:
             raise InputError(doc.source, doc.line, f"text with an unpaired surrogate ({text[e.start]!r}); expected "
                                                    "valid Unicode") from None
         h = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=self.key).digest(), "little")
-        if h in self.seen:
+        if not self.seen.add(h):
             self.dropped_duplicate += 1
             return None
-        self.seen.add(h)
         return text, (1 if h < self.valid_below else 2 if h < self.test_below else 0)
 
     def counts(self) -> dict:
@@ -257,11 +309,13 @@ def prepare(args: PrepareArgs) -> dict:
             "split": {"method": "blake2b-64 of the cleaned text keyed by the seed", "seed": args.seed,
                       "valid_fraction": args.valid_fraction, "test_fraction": args.test_fraction},
             "inputs": inputs,
-            "args": dataclasses.asdict(args),
+            # Not the run-only arguments: the manifest is the same for any --workers (summary.json has them).
+            "args": {k: v for k, v in dataclasses.asdict(args).items() if k not in RUN_ONLY_ARGS},
             "created_by": {"pipeline": __version__, "python": sys.version.split()[0]},
         }
         write_json(os.path.join(tmp, "manifest.json"), manifest)
         write_json(os.path.join(tmp, "summary.json"), summary)  # last: its presence marks a finished folder
+        os.remove(os.path.join(tmp, OWNER_FILE))
         publish_folder(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,13 +341,48 @@ def _make_temporary_sibling(output: str) -> str:
     parent, name = os.path.split(output)
     try:
         os.makedirs(parent, exist_ok=True)
+        _remove_stale_temporaries(output)
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+        write_json(os.path.join(tmp, OWNER_FILE), _owner(output))
         return tmp
     except OSError as e:
         raise PrepareError(f"{output}: cannot write the output folder there ({e.strerror or e})") from None
+
+
+def _owner(output: str) -> dict:
+    return {"output": output, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _remove_stale_temporaries(output: str) -> None:
+    """Remove the temporary folders of `output` left by runs that were killed (kill -9, power loss): those whose
+    owner file names `output`, this host and a process that is gone. A live run's folder (the pid exists) and a
+    folder of another host (a shared filesystem; its pid means nothing here) are left alone."""
+    parent, name = os.path.split(output)
+    for entry in os.listdir(parent):
+        if not (entry.startswith(f".{name}.") and entry.endswith(".tmp")):
+            continue
+        folder = os.path.join(parent, entry)
+        try:
+            with open(os.path.join(folder, OWNER_FILE), encoding="utf-8") as f:
+                owner = json.load(f)
+            if owner["output"] != output or owner["host"] != socket.gethostname() or _process_exists(owner["pid"]):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):  # no or a damaged owner file: not ours to judge
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
 
 
 def _documents(args: PrepareArgs, paths: list[str], bad_lines: BadLines | None) -> Iterator[Document]:
@@ -306,7 +395,7 @@ def _new_cleaner(args: PrepareArgs) -> Cleaner:
 
 
 def _get_tokenizer(args: PrepareArgs, paths: list[str]) -> tuple[Tokenizer, float]:
-    """Load --tokenizer, or train one on the first --max-tokenizer-docs train documents (a first, partial pass)."""
+    """Load --tokenizer, or train one on a sample of the train documents (a first pass over the corpus)."""
     if args.tokenizer is not None:
         return Tokenizer.load(args.tokenizer, num_threads=1), 0.0
     start = time.perf_counter()
@@ -314,23 +403,31 @@ def _get_tokenizer(args: PrepareArgs, paths: list[str]) -> tuple[Tokenizer, floa
     bad_lines = BadLines() if args.skip_bad_lines else None
 
     def train_texts() -> Iterator[str]:
-        taken = 0
         for doc in _documents(args, paths, bad_lines):
             kept = cleaner(doc)
             if kept is not None and kept[1] == 0:  # train split only: valid and test stay unseen
                 yield kept[0]
-                taken += 1
-                if taken >= args.max_tokenizer_docs:
-                    return
 
     texts = train_texts()
     first = next(texts, None)
     if first is None:
         raise PrepareError(_empty_corpus_message(cleaner, bad_lines, "no train documents to train the tokenizer on"))
     if not args.quiet:
-        print(f"prepare: training a {args.model_type} tokenizer with {args.vocab_size} pieces", file=sys.stderr)
-    tokenizer = Tokenizer.train(_prepend(first, texts), args.vocab_size, args.model_type)
+        print(f"prepare: training a {args.model_type} tokenizer with {args.vocab_size} pieces on a sample of at most "
+              f"{args.tokenizer_sample_mb:g} MB of the train split", file=sys.stderr)
+    progress = _progress(args.quiet, "sampling")
+    try:
+        tokenizer = Tokenizer.train(_counted(_prepend(first, texts), progress), args.vocab_size, args.model_type,
+                                    sample_bytes=int(args.tokenizer_sample_mb * 2**20))
+    finally:
+        progress.close()
     return tokenizer, time.perf_counter() - start
+
+
+def _counted(texts: Iterator[str], progress) -> Iterator[str]:
+    for text in texts:
+        progress.update()
+        yield text
 
 
 def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -370,7 +467,7 @@ def _tokenize_corpus(args: PrepareArgs, paths: list[str], tokenizer: Tokenizer, 
     if args.workers > 1 and tokenizer.kind == "sentencepiece":
         pool = multiprocessing.get_context("spawn").Pool(
             args.workers, initializer=_init_worker, initargs=(os.path.join(directory, SP_MODEL_FILE),))
-    progress = _progress(args.quiet)
+    progress = _progress(args.quiet, "prepare")
     pending: deque = deque()  # (result, splits) of batches in flight, oldest first: written in input order
     written_tokens = 0
     start = time.perf_counter()
@@ -438,10 +535,10 @@ def _write_batch(writers: list[ShardWriter], tokens: np.ndarray, lengths: np.nda
             writer.add_batch(tokens[token_split == index], lengths[docs])
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(desc="prepare", unit=" docs", unit_scale=True, file=sys.stderr, disable=quiet, mininterval=0.5,
+    return tqdm(desc=desc, unit=" docs", unit_scale=True, file=sys.stderr, disable=quiet, mininterval=0.5,
                 dynamic_ncols=True)
 
 

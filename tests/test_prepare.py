@@ -3,8 +3,11 @@ import hashlib
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pydoc_data.topics import topics
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 
 from pipeline.data import TokenShards
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.prepare import main
+from pipeline.prepare import HashSet, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("train", "valid", "test")
@@ -39,14 +42,26 @@ def pydoc_documents(n, seed=0, numbered=False):
     """n documents of 3-6 consecutive help-topic paragraphs (real English). `numbered` makes each unique with a
     title of words that spell its number (so that unique documents do not bring unique words)."""
     rng = random.Random(seed)
-    digits = "zero one two three four five six seven eight nine".split()
     docs = []
     for i in range(n):
         k = rng.randint(3, 6)
         start = rng.randrange(len(PARAGRAPHS) - k)
-        title = "Document " + " ".join(digits[int(c)] for c in str(i)) + ".\n\n" if numbered else ""
-        docs.append(title + "\n\n".join(PARAGRAPHS[start:start + k]).strip())
+        docs.append((title(i) if numbered else "") + "\n\n".join(PARAGRAPHS[start:start + k]).strip())
     return docs
+
+
+def title(i):
+    digits = "zero one two three four five six seven eight nine".split()
+    return "Document " + " ".join(digits[int(c)] for c in str(i)) + ".\n\n"
+
+
+def covering_documents(n):
+    """n documents of 4 help-topic paragraphs with a numbered title, taking the paragraphs in turn: the first 652
+    documents hold every paragraph once, the next ones repeat them. So 800 and 8000 of them hold the same words
+    (and the tokenizer's chunk cache, bounded at 100k chunks by design, fills the same) and differ only in the
+    number of documents and bytes: what the memory tests measure."""
+    starts = range(0, len(PARAGRAPHS), 4)
+    return [title(i) + "\n\n".join(PARAGRAPHS[starts[i % len(starts)]:][:4]).strip() for i in range(n)]
 
 
 def decoded_splits(directory):
@@ -119,6 +134,9 @@ def test_manifest(data_dir, corpus):
     assert entry["sha256"] == hashlib.sha256(corpus["path"].read_bytes()).hexdigest()
     assert entry["bytes"] == corpus["path"].stat().st_size and entry["format"] == "jsonl"
     assert manifest["args"]["vocab_size"] == 500 and manifest["args"]["min_chars"] == 5
+    # How the run went is not what the folder holds: summary.json has the worker count, the manifest none of it.
+    assert not {"workers", "output", "overwrite", "quiet", "dry_run"} & set(manifest["args"])
+    assert json.loads((data_dir / "summary.json").read_text())["workers"] == 1
     for split in SPLITS:
         shards = TokenShards(str(data_dir), split)
         assert manifest["splits"][split] == {"documents": len(shards), "tokens": shards.num_tokens}
@@ -128,8 +146,27 @@ def test_output_is_identical_for_any_worker_count(data_dir, corpus, tmp_path):
     out = tmp_path / "data"
     assert run("--input", corpus["path"], "--output", out, "--vocab-size", 500, "--min-chars", 5,
                "--valid-fraction", 0.1, "--test-fraction", 0.1, "--workers", 2) == 0
-    for name in ["tokenizer.model"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]:
+    for name in ["tokenizer.model", "manifest.json"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]:
         assert (out / name).read_bytes() == (data_dir / name).read_bytes(), name
+
+
+def test_tokenizer_sample_is_the_same_in_every_process(tmp_path):
+    # ~280 KB of train text, sampled down to 50 KB, in two processes with different --workers: SentencePiece's
+    # own sampling (seeded differently in every process) would make the two tokenizers, and so the shards, differ.
+    path = write_jsonl(tmp_path / "c.jsonl", pydoc_documents(300, seed=5, numbered=True))
+    outputs = [tmp_path / "w1", tmp_path / "w2"]
+    for out, workers in zip(outputs, ("1", "2")):
+        done = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--input", str(path), "--output", str(out),
+                               "--vocab-size", "400", "--tokenizer-sample-mb", "0.05", "--workers", workers, "--quiet"],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    for name in ["tokenizer.model", "manifest.json"] + [f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx")]:
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+    assert run("--input", path, "--output", tmp_path / "all", "--vocab-size", 400, "--workers", 1) == 0
+    assert (tmp_path / "all" / "tokenizer.model").read_bytes() != (outputs[0] / "tokenizer.model").read_bytes()
+    # Whatever the sample, every document still decodes to its text.
+    assert sorted(t for ts in decoded_splits(outputs[0]).values() for t in ts) == \
+        sorted(t for ts in decoded_splits(tmp_path / "all").values() for t in ts)
 
 
 def test_splits_follow_text_and_seed_not_order(data_dir, corpus, tmp_path):
@@ -349,6 +386,46 @@ def test_argument_errors(corpus, tmp_path):
               "--valid-fraction", "0.6", "--test-fraction", "0.5"])
 
 
+def test_hash_set():
+    seen = HashSet()
+    rng = random.Random(3)
+    hashes = [rng.getrandbits(64) for _ in range(3000)] + list(range(2, 2000)) + [2**64 - 1, 0]
+    assert all(seen.add(h) for h in hashes)
+    assert not any(seen.add(h) for h in hashes)
+    assert seen.size == len(hashes)
+    assert 2 * seen.size <= len(seen.table) <= 4 * seen.size  # 16-32 bytes a hash
+    assert not seen.add(1)  # 0 stands for 1: an empty slot is 0
+
+
+def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(data_dir, corpus, tmp_path):
+    # A run stuck reading its input (a fifo nobody writes) after making its temporary folder, then killed -9.
+    fifo = tmp_path / "stuck.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--input", str(fifo), "--output", str(out),
+                                "--tokenizer", str(data_dir), "--quiet"], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any((tmp_path / name / ".owner").exists() for name in leftovers(tmp_path)):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    [stale] = leftovers(tmp_path)
+    assert stale.startswith(".out.") and stale.endswith(".tmp") and not out.exists()
+    # Folders that are not stale stay: a live owner, another host's, and one without an owner file.
+    others = {".out.live.tmp": {"output": str(out), "host": socket.gethostname(), "pid": os.getpid()},
+              ".out.far.tmp": {"output": str(out), "host": "another-host", "pid": process.pid},
+              ".out.unknown.tmp": None}
+    for name, owner in others.items():
+        (tmp_path / name).mkdir()
+        if owner is not None:
+            (tmp_path / name / ".owner").write_text(json.dumps(owner))
+    assert run("--input", corpus["path"], "--output", out, "--tokenizer", data_dir, "--workers", 1) == 0
+    assert leftovers(tmp_path) == sorted(others)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(data_dir))  # no owner file in the result
+
+
 def test_dry_run_writes_nothing(corpus, capsys, tmp_path):
     out = tmp_path / "out"
     assert run("--input", corpus["path"], "--output", out, "--vocab-size", 500, "--min-chars", 5, "--dry-run") == 0
@@ -379,26 +456,51 @@ def test_cli_error_and_light_imports(tmp_path):
     assert "HEAVY []" in done.stdout
 
 
-def peak_rss_kb(argv) -> int:
-    """Peak resident memory of one child process (wait4 gives that child's own rusage)."""
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, process.stderr.read().decode()
-    return usage.ru_maxrss
+PEAK_RSS = """
+import sys
+from pipeline.prepare import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    print("PEAK_KB", next(line.split()[1] for line in f if line.startswith("VmHWM:")), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def peak_rss_kb(args) -> int:
+    """Peak resident memory (kB) of one prepare run in a fresh process, as the process itself reads it (VmHWM).
+    Not the child's rusage: its ru_maxrss starts at the size of the process that forked it (pytest, by now
+    larger than a prepare run) and survives exec, so it would hide any growth below that."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *args, "--quiet"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return int(done.stderr.split("PEAK_KB")[-1].split()[0])
 
 
 def test_memory_does_not_grow_with_the_corpus(data_dir, tmp_path):
-    small = write_jsonl(tmp_path / "small.jsonl", pydoc_documents(800, numbered=True))   # ~0.7 MB, 3 batches
-    large = write_jsonl(tmp_path / "large.jsonl", pydoc_documents(8000, numbered=True))  # ~7 MB
+    # 1.2 and 12 MB: both past the sizes at which the fixed buffers (1 MiB per shard file) are filled.
+    small = write_jsonl(tmp_path / "small.jsonl", covering_documents(1600))
+    large = write_jsonl(tmp_path / "large.jsonl", covering_documents(16000))
     assert large.stat().st_size > 9 * small.stat().st_size
     rss = {}
     for name, path in (("small", small), ("large", large)):
-        rss[name] = peak_rss_kb([sys.executable, "-m", "pipeline.prepare", "--input", str(path),
-                                 "--output", str(tmp_path / name), "--tokenizer", str(data_dir),
-                                 "--workers", "1", "--quiet"])
+        rss[name] = peak_rss_kb(["--input", str(path), "--output", str(tmp_path / name), "--tokenizer", str(data_dir),
+                                 "--workers", "1"])
     growth_mb = (rss["large"] - rss["small"]) / 1024
     corpus_growth_mb = (large.stat().st_size - small.stat().st_size) / 2**20
-    # Holding the corpus, or its tokens, would add about its size; streaming adds only the offsets and the
-    # duplicate filter (~80 bytes a document, ~0.6 MB here) and whatever new words the chunk cache meets.
+    # Holding the corpus, or its tokens, would add about its size; streaming adds only the duplicate filter
+    # (16-32 bytes a document, ~0.5 MB here). Measured: ~1.3 MB.
+    assert growth_mb < 0.25 * corpus_growth_mb, (rss, corpus_growth_mb)
+
+
+def test_memory_does_not_grow_with_the_corpus_when_training_a_tokenizer(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", covering_documents(800))   # ~0.6 MB
+    large = write_jsonl(tmp_path / "large.jsonl", covering_documents(8000))  # ~6 MB
+    rss = {}
+    for name, path in (("small", small), ("large", large)):
+        rss[name] = peak_rss_kb(["--input", str(path), "--output", str(tmp_path / name), "--vocab-size", "1000",
+                                 "--tokenizer-sample-mb", "0.5", "--workers", "1"])
+    growth_mb = (rss["large"] - rss["small"]) / 1024
+    corpus_growth_mb = (large.stat().st_size - small.stat().st_size) / 2**20
+    # Both tokenizers train on a sample of at most 0.5 MB: training on all of the train split would add
+    # several times the corpus growth (SentencePiece holds every line, and more). Measured: ~0.3 MB.
     assert growth_mb < 0.25 * corpus_growth_mb, (rss, corpus_growth_mb)

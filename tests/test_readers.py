@@ -4,7 +4,17 @@ import json
 
 import pytest
 
-from pipeline.data.readers import BadLines, InputError, detect_format, expand_inputs, file_fingerprint, read_documents
+from pipeline.data.readers import (
+    BadLines,
+    InputError,
+    detect_format,
+    expand_inputs,
+    file_fingerprint,
+    read_documents,
+    read_records,
+)
+
+BOM = "\ufeff"  # what Windows editors and Excel put at the start of a UTF-8 file
 
 
 def texts(paths, **kwargs):
@@ -174,6 +184,54 @@ def test_hf_dataset_and_dataset_dict(tmp_path):
     assert sorted(texts([both], text_key="content")) == ["x", "y", "z"]
     with pytest.raises(InputError, match="no column 'text'"):
         texts([both])
+
+
+def test_parquet_dictionary_and_string_view_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = ["positive", "negative", "positive", "a longer text than twelve bytes, kept out of line"]
+    category = tmp_path / "category.parquet"  # how pandas writes a `category` column
+    pq.write_table(pa.table({"text": pa.array(rows).dictionary_encode(), "n": list(range(4))}), category)
+    view = tmp_path / "view.parquet"
+    pq.write_table(pa.table({"text": pa.array(rows, type=pa.string_view())}), view)
+    for path in (category, view):
+        assert texts([path]) == rows, path
+    assert [r.values["text"] for r in read_records(str(category), ["text", "n"])] == rows
+    pq.write_table(pa.table({"text": pa.array(["x", None]).dictionary_encode()}), category)
+    with pytest.raises(InputError, match=rf"{category}: row 2: column value is null; expected a string"):
+        texts([category])
+    pq.write_table(pa.table({"text": pa.array([1, 2]).dictionary_encode()}), category)
+    with pytest.raises(InputError, match="column 'text' has type .*int64.*; expected strings"):
+        texts([category])
+
+
+# --- a byte order mark at the start of a file -------------------------------------------------------------
+
+def test_byte_order_mark_is_skipped_in_every_text_format(tmp_path):
+    (tmp_path / "a.jsonl").write_text(BOM + '{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    (tmp_path / "b.csv").write_text(BOM + "text,id\nthree,1\n", encoding="utf-8")
+    (tmp_path / "c.tsv").write_text(BOM + "text\tid\nfour\t2\n", encoding="utf-8")
+    (tmp_path / "d.txt").write_text(BOM + "five\n\nsix\n", encoding="utf-8")
+    with gzip.open(tmp_path / "e.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(BOM + '{"text": "seven"}\n')
+    (tmp_path / "f.jsonl").write_text(BOM + "\n" + '{"text": "eight"}\n', encoding="utf-8")  # a BOM on a blank line
+    names = ["a.jsonl", "b.csv", "c.tsv", "d.txt", "e.jsonl.gz", "f.jsonl"]
+    docs = list(read_documents([str(tmp_path / n) for n in names]))
+    assert [d.text for d in docs] == ["one", "two", "three", "four", "five\n", "six\n", "seven", "eight"]
+    assert [d.line for d in docs] == [1, 2, 2, 2, 1, 3, 1, 2]
+    assert texts([tmp_path / "d.txt"], txt_mode="line") == ["five\n", "six\n"]
+    assert texts([tmp_path / "d.txt"], txt_mode="file") == ["five\n\nsix\n"]
+    assert [r.values for r in read_records(str(tmp_path / "b.csv"), ["text", "id"])] == [{"text": "three", "id": "1"}]
+    assert [r.values for r in read_records(str(tmp_path / "a.jsonl"), ["text"])] == [{"text": "one"}, {"text": "two"}]
+
+
+def test_byte_order_mark_inside_a_text_is_kept(tmp_path):
+    # Only the file's first bytes are a mark; elsewhere U+FEFF is a character of the text.
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": BOM + "y"}])
+    assert texts([path]) == ["x", BOM + "y"]
+    (tmp_path / "b.txt").write_text("first\n\n" + BOM + "second\n", encoding="utf-8")
+    assert texts([tmp_path / "b.txt"]) == ["first\n", BOM + "second\n"]
 
 
 # --- inputs ----------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Token shards: the .bin/.idx format, the uint16/uint32 switch, and clear errors on damaged files."""
+import hashlib
 import os
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -43,6 +46,38 @@ def test_add_batch_equals_add(tmp_path):
     for name in ("train.bin", "train.idx"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert len(one) == 3
+
+
+def test_idx_layout_and_recorded_hashes(tmp_path):
+    writer = ShardWriter(str(tmp_path), "valid", np.uint32)
+    writer.add_batch(np.array([7, 8, 9, 10], np.int64), np.array([1, 0, 3]))
+    writer.add([70000])
+    writer.close()
+    idx = (tmp_path / "valid.idx").read_bytes()
+    assert idx == struct.pack("<8sIIQ", b"PLTOKIDX", 1, 4, 4) + struct.pack("<5Q", 0, 1, 1, 4, 5)
+    assert (writer.documents, writer.tokens) == (4, 5)
+    assert writer.files["valid.idx"]["sha256"] == hashlib.sha256(idx).hexdigest()
+    bin_bytes = (tmp_path / "valid.bin").read_bytes()
+    assert writer.files["valid.bin"]["sha256"] == hashlib.sha256(bin_bytes).hexdigest()
+    assert writer.files["valid.bin"]["bytes"] == 20
+
+
+def test_writer_memory_does_not_grow_with_the_documents(tmp_path):
+    # 200k documents: 1.6 MB of offsets if they were held in memory. They go to the .idx as they come.
+    writer = ShardWriter(str(tmp_path), "train", np.uint16)
+    lengths = np.full(1000, 3, dtype=np.int64)
+    tokens = np.arange(3000, dtype=np.int32)
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            writer.add_batch(tokens, lengths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    writer.close()
+    assert peak < 200_000, peak  # a batch's temporaries only
+    shards = TokenShards(str(tmp_path), "train")
+    assert len(shards) == 200_000 and shards[199_999].tolist() == [2997, 2998, 2999]
 
 
 def test_add_batch_rejects_inconsistent_lengths(tmp_path):

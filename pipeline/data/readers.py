@@ -14,7 +14,9 @@ Formats, chosen by extension (a trailing `.gz` is read through gzip) unless `fmt
     folder                 a HuggingFace dataset written by `save_to_disk` (a Dataset or a DatasetDict,
                            every split in turn); column `text_key`; needs `datasets` (imported lazily)
 
-Text must be UTF-8. Bad input raises `InputError`, whose message names the file, the line (or row)
+Text must be UTF-8; a byte order mark at the start of a text file (which Windows editors and Excel write)
+is skipped. A parquet or Arrow text column may be any string type: string, large_string, string_view, or
+dictionary-encoded strings (a pandas `category` column). Bad input raises `InputError`, whose message names the file, the line (or row)
 and what was expected. With `skip_bad_lines`, per-record problems in jsonl and csv/tsv (bytes that
 are not UTF-8, malformed JSON, a missing key, a value that is not a string, a short csv row) are
 counted in a `BadLines` instead, and the first one is kept for the error shown if nothing is left.
@@ -37,6 +39,7 @@ TXT_MODES = ("block", "line", "file")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt", ".text": "txt",
               ".md": "txt", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 BATCH_ROWS = 1024  # parquet / Arrow rows per batch: small enough for constant memory, large enough to be fast
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 
 
 class InputError(ValueError):
@@ -85,7 +88,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             if not matches:
                 raise InputError(pattern, None, "no file matches this pattern")
         else:
-            if not os.path.exists(pattern):
+            if not os.path.exists(dataset_split(pattern)[0]):  # DIR:SPLIT: one split of a DatasetDict folder
                 raise InputError(pattern, None, "no such file or folder")
             matches = [pattern]
         for path in matches:
@@ -100,6 +103,8 @@ def detect_format(path: str, fmt: str = "auto") -> str:
         if fmt not in FORMATS:
             raise InputError(path, None, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         return fmt
+    if dataset_split(path)[1] is not None:  # DIR:SPLIT
+        return "hf"
     if os.path.isdir(path):
         if is_hf_dataset(path):
             return "hf"
@@ -147,6 +152,15 @@ def _open_binary(path: str) -> IO[bytes]:
         raise InputError(path, None, f"cannot open: {e.strerror or e}") from e
 
 
+def _lines(f: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file, without the UTF-8 byte order mark that may start the first one."""
+    first = next(f, None)
+    if first is None:
+        return
+    yield first.removeprefix(BOM)
+    yield from f
+
+
 def _decode(raw: bytes, path: str, lineno: int) -> str:
     try:
         return raw.decode("utf-8")
@@ -158,7 +172,7 @@ def _decode(raw: bytes, path: str, lineno: int) -> str:
 def read_jsonl(path: str, text_key: str, bad_lines: BadLines | None = None) -> Iterator[Document]:
     """One JSON object per line; blank lines are allowed and ignored."""
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
             if raw.isspace():
                 continue
             try:
@@ -197,7 +211,7 @@ def read_txt(path: str, mode: str = "block") -> Iterator[Document]:
     with _open_binary(path) as f:
         if mode == "file":
             # One document per file: the file has to be in memory as a whole, by definition.
-            data = f.read()
+            data = f.read().removeprefix(BOM)
             try:
                 yield Document(data.decode("utf-8"), path, 1)
             except UnicodeDecodeError as e:
@@ -206,7 +220,7 @@ def read_txt(path: str, mode: str = "block") -> Iterator[Document]:
             return
         block: list[str] = []
         start = 0
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_lines(f), 1):
             line = _decode(raw, path, lineno)
             if mode == "line":
                 if not line.isspace():
@@ -232,7 +246,7 @@ class _DecodedLines:
         self.lineno = 0
 
     def __iter__(self) -> Iterator[str]:
-        for raw in self.f:
+        for raw in _lines(self.f):
             self.lineno += 1
             try:
                 yield _decode(raw, self.path, self.lineno)
@@ -296,7 +310,7 @@ def read_parquet(path: str, text_key: str) -> Iterator[Document]:
     _check_arrow_column(path, pf.schema_arrow, text_key)
     row = 0
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[text_key]):
-        yield from _arrow_texts(path, batch.column(0).to_pylist(), row)
+        yield from _arrow_texts(path, _as_strings(batch.column(0)).to_pylist(), row)
         row += batch.num_rows
 
 
@@ -304,13 +318,19 @@ def read_hf_dataset(path: str, text_key: str) -> Iterator[Document]:
     """A HuggingFace dataset folder from `save_to_disk`, read batch by batch from its memory-mapped Arrow files."""
     import datasets  # lazy: importing datasets takes seconds and is only needed here
 
+    folder, only = dataset_split(path)
     try:
-        loaded = datasets.load_from_disk(path)
+        loaded = datasets.load_from_disk(folder)
     except Exception as e:
         raise InputError(path, None, f"cannot load the dataset folder ({e})") from None
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    if only is not None:  # DIR:SPLIT; without it a DatasetDict is read split after split (prepare makes its own)
+        if only not in dict(parts):
+            have = ", ".join(str(name) for name, _ in parts) if isinstance(loaded, datasets.DatasetDict) else "none"
+            raise InputError(path, None, f"no split {only!r} in this dataset folder (splits: {have})")
+        parts = [(only, dict(parts)[only])]
     for split, ds in parts:
-        where = f"{path}[{split}]" if split else path
+        where = f"{path}[{split}]" if split and only is None else path
         _check_arrow_column(where, ds.features.arrow_schema, text_key)
         row = 0
         for batch in ds.select_columns([text_key]).iter(batch_size=BATCH_ROWS):
@@ -320,14 +340,31 @@ def read_hf_dataset(path: str, text_key: str) -> Iterator[Document]:
 
 
 def _check_arrow_column(path: str, schema, text_key: str) -> None:
-    import pyarrow as pa
-
     if text_key not in schema.names:
         columns = ", ".join(repr(c) for c in schema.names[:20])
         raise InputError(path, None, f"no column {text_key!r} (columns: {columns}); choose it with --text-key")
     kind = schema.field(text_key).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise InputError(path, None, f"column {text_key!r} has type {kind}; expected strings")
+    if not _is_text_type(kind):
+        raise InputError(path, None, f"column {text_key!r} has type {kind}; expected strings (string, large_string, "
+                                     "string_view or dictionary-encoded strings)")
+
+
+def _is_text_type(kind) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):  # a pandas `category` column: indices into a dictionary of strings
+        kind = kind.value_type
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_string_view(kind)
+
+
+def _as_strings(column):
+    """A text column (see `_is_text_type`) as a plain Arrow string column."""
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    return column.cast(pa.large_string())  # decodes a dictionary, copies string_view into one buffer
 
 
 def _arrow_texts(path: str, texts: list, first_row: int) -> Iterator[Document]:
@@ -352,7 +389,7 @@ def read_records(path: str, keys: Sequence[str], fmt: str = "auto", hint: str = 
     suffix = f"; {hint}" if hint else ""
     if kind == "jsonl":
         with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
+            for lineno, raw in enumerate(_lines(f), 1):
                 if raw.isspace():
                     continue
                 line = _decode(raw, path, lineno)
@@ -407,6 +444,15 @@ def read_records(path: str, keys: Sequence[str], fmt: str = "auto", hint: str = 
                                      "dataset folder")
 
 
+def dataset_split(path: str) -> tuple[str, str | None]:
+    """(DIR, SPLIT) for `DIR:SPLIT`, which names one split of a DatasetDict folder (`data/reviews:train`);
+    (path, None) for any other path, including one that exists as given (a file name may hold a colon)."""
+    if ":" not in path or os.path.exists(path):
+        return path, None
+    folder, split = path.rsplit(":", 1)
+    return (folder, split) if split and os.path.isdir(folder) else (path, None)
+
+
 def _read_arrow_records(path: str, kind: str, keys: list[str], suffix: str) -> Iterator[Record]:
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -419,14 +465,25 @@ def _read_arrow_records(path: str, kind: str, keys: list[str], suffix: str) -> I
     else:
         import datasets
 
+        folder, split = dataset_split(path)
         try:
-            loaded = datasets.load_from_disk(path)
+            loaded = datasets.load_from_disk(folder)
         except Exception as e:
             raise InputError(path, None, f"cannot load the dataset folder ({e})") from None
-        splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
-        parts = [(f"{path}[{split}]" if split else path, ds.column_names,
-                  lambda ds=ds: ds.select_columns(keys).with_format("arrow").iter(batch_size=BATCH_ROWS))
-                 for split, ds in splits]
+        # Records are one split of labelled data (train, valid or test): a DatasetDict's splits must not mix.
+        if isinstance(loaded, datasets.DatasetDict):
+            names = ", ".join(loaded) or "none"
+            if split is None:
+                raise InputError(path, None, f"a DatasetDict with the splits {names}; name one as DIR:SPLIT "
+                                             f"(e.g. {path}:{next(iter(loaded), 'train')})")
+            if split not in loaded:
+                raise InputError(path, None, f"no split {split!r} in this DatasetDict (splits: {names}); expected "
+                                             "DIR:SPLIT with one of them")
+            loaded = loaded[split]
+        elif split is not None:
+            raise InputError(path, None, f"{folder} is a single Dataset, not a DatasetDict; drop ':{split}'")
+        parts = [(path, loaded.column_names,
+                  lambda: loaded.select_columns(keys).with_format("arrow").iter(batch_size=BATCH_ROWS))]
     for where, names, batches in parts:
         missing = [k for k in keys if k not in names]
         if missing:
@@ -444,6 +501,7 @@ def file_fingerprint(path: str) -> dict:
     """Size and sha256 of an input file, or of every file of a dataset folder (names and bytes, in order)."""
     import hashlib
 
+    path = dataset_split(path)[0]  # DIR:SPLIT: the whole folder's files
     digest = hashlib.sha256()
     files = [path]
     if os.path.isdir(path):
@@ -453,7 +511,7 @@ def file_fingerprint(path: str) -> dict:
         if name != path:
             digest.update(os.path.relpath(name, path).encode() + b"\0")
         with open(name, "rb") as f:
-            while chunk := f.read(1 << 22):
+            while chunk := f.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
     return {"path": path, "bytes": size, "sha256": digest.hexdigest()}

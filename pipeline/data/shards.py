@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from array import array
 
 import numpy as np
 
@@ -53,10 +52,10 @@ def sample_sha256(path: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of the whole file, read in 4 MiB pieces."""
+    """sha256 of the whole file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
@@ -72,17 +71,22 @@ def token_dtype(vocab_size: int) -> type:
 
 
 class ShardWriter:
-    """Streams documents into `DIR/SPLIT.bin` and `DIR/SPLIT.idx`; holds only the offsets in memory
-    (8 bytes a document). After `close()`, `files` holds each file's size, sha256 and sample_sha256
-    (for manifest.json); the .bin is hashed as it is written, so no second pass reads it."""
+    """Streams documents into `DIR/SPLIT.bin` and `DIR/SPLIT.idx`, holding neither ids nor offsets in memory:
+    the offsets go to the .idx as they come, after a blank header that `close()` fills in once the number of
+    documents is known. After `close()`, `files` holds each file's size, sha256 and sample_sha256 (for
+    manifest.json); the .bin is hashed as it is written, the .idx (8 bytes a document) read once at close."""
 
     def __init__(self, directory: str, split: str, dtype: type):
         self.dtype = np.dtype(dtype)
         self.bin_path = os.path.join(directory, f"{split}.bin")
         self.idx_path = os.path.join(directory, f"{split}.idx")
-        self._bin = open(self.bin_path, "wb", buffering=1 << 22)  # large writes: one syscall per 4 MiB
+        self._bin = open(self.bin_path, "wb", buffering=1 << 20)  # large writes: one syscall per MiB
         self._bin_sha256 = hashlib.sha256()
-        self._offsets = array("Q", [0])
+        self._idx = open(self.idx_path, "wb", buffering=1 << 20)
+        self._idx.write(bytes(HEADER.size))       # a blank header (no magic) until close()
+        self._idx.write(np.zeros(1, "<u8").tobytes())  # offsets[0]
+        self.documents = 0
+        self.tokens = 0                            # the last offset
         self.files: dict[str, dict] = {}
 
     def add(self, ids) -> None:
@@ -104,28 +108,21 @@ class ShardWriter:
         data = tokens.astype(self.dtype, copy=False).tobytes()
         self._bin.write(data)
         self._bin_sha256.update(data)
-        ends = np.cumsum(lengths, dtype=np.uint64) + np.uint64(self._offsets[-1])
-        self._offsets.frombytes(ends.astype("<u8").tobytes())
-
-    @property
-    def documents(self) -> int:
-        return len(self._offsets) - 1
-
-    @property
-    def tokens(self) -> int:
-        return self._offsets[-1]
+        ends = np.cumsum(lengths, dtype=np.uint64) + np.uint64(self.tokens)
+        self._idx.write(ends.astype("<u8").tobytes())
+        self.documents += len(lengths)
+        self.tokens += tokens.size
 
     def close(self) -> None:
         if self._bin.closed:
             return
         self._bin.close()
-        index = (HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.documents)
-                 + np.asarray(self._offsets, dtype="<u8").tobytes())
-        with open(self.idx_path, "wb") as f:
-            f.write(index)
+        self._idx.seek(0)
+        self._idx.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.documents))
+        self._idx.close()
         self.files = {
             os.path.basename(self.bin_path): describe_file(self.bin_path, self._bin_sha256.hexdigest()),
-            os.path.basename(self.idx_path): describe_file(self.idx_path, hashlib.sha256(index).hexdigest()),
+            os.path.basename(self.idx_path): describe_file(self.idx_path, file_sha256(self.idx_path)),
         }
 
 

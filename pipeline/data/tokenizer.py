@@ -9,9 +9,14 @@
 A trained model is lossless on the text it is given: no normalisation (the "identity" rule), no dummy
 prefix, no whitespace collapsing, whitespace-only pieces allowed, "\\n" a piece of its own, and byte
 fallback for any character outside the vocabulary (emoji, rare scripts), so `decode(encode(t)) == t`.
-The one exception is SentencePiece's own: the character U+2581 "▁" stands for a space inside the model
-and decodes as " ". The cleaning that `pipeline.prepare` applies before tokenizing (strip the ends of
-each document, NFKC on request) is the only normalisation anywhere.
+That includes U+2581 "▁", which SentencePiece uses for a space inside the model: a literal "▁" in the
+text is encoded as its three byte pieces <0xE2><0x96><0x81> (the text between two of them is encoded
+as usual), which decode back to "▁", here and in the HF export. The cleaning that `pipeline.prepare`
+applies before tokenizing (strip the ends of each document, NFKC on request) is the only normalisation.
+
+Training reads all of `texts` but keeps only a deterministic sample of their lines, at most
+`sample_bytes` (see `LineSample`), so its memory does not grow with the corpus and the model is the
+same in every process: SentencePiece's own sampling is seeded differently in each process.
 
 Pieces of a trained model: 0 <pad>, 1 <unk>, 2 <s> (bos), 3 </s> (eos), 4 <mask> (for masked-LM), 5 "\\n",
 then the 256 byte pieces <0x00>..<0xFF>, then the learned pieces. <mask> and "\\n" are user-defined
@@ -24,8 +29,9 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain, compress
 
 import numpy as np
 import sentencepiece as spm
@@ -33,7 +39,9 @@ import sentencepiece as spm
 PAD, UNK, BOS, EOS, MASK, NEWLINE = "<pad>", "<unk>", "<s>", "</s>", "<mask>", "\n"
 MODEL_TYPES = ("bpe", "unigram")
 MIN_VOCAB = 256 + 6 + 1              # byte pieces + the six special pieces + at least one learned piece
-MAX_TRAIN_SENTENCES = 1_000_000      # SentencePiece keeps at most this many sampled lines in memory to train
+SAMPLE_BYTES = 16 << 20              # train on a sample of at most this much text (see LineSample)
+LINE_OVERHEAD = 64                   # bytes a sampled line costs besides its text (Python and SentencePiece objects)
+SAMPLE_KEY = b"tokenizer-sample"     # the key of the hash that picks the sampled lines
 MAX_LINE_CHARS = 4096                # longer lines are cut for training (SentencePiece skips over-long sentences)
 TRAIN_THREADS = 4                    # fixed, not --workers: unigram training results depend on the thread count
 SP_MODEL_FILE = "tokenizer.model"
@@ -58,8 +66,8 @@ class Tokenizer:
 
     @staticmethod
     def train(texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
-              max_sentences: int = MAX_TRAIN_SENTENCES, num_threads: int = 1) -> SentencePieceTokenizer:
-        return SentencePieceTokenizer.train(texts, vocab_size, model_type, max_sentences, num_threads)
+              sample_bytes: int = SAMPLE_BYTES, num_threads: int = 1) -> SentencePieceTokenizer:
+        return SentencePieceTokenizer.train(texts, vocab_size, model_type, sample_bytes, num_threads)
 
     @staticmethod
     def load(path: str, num_threads: int = 1) -> Tokenizer:
@@ -137,7 +145,11 @@ class SentencePieceTokenizer(Tokenizer):
         proto = _parse_proto(model_proto)
         self.model_type = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}.get(proto.trainer_spec.model_type, "?") \
             if proto is not None else "?"
-        self._chunks = _ChunkCache(sp) if proto is not None and _chunk_cache_is_exact(proto) else None
+        # The byte pieces of a literal "▁", for models where that keeps it (see `_keeps_literal_space`).
+        self._space_ids = ([sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode()]
+                           if proto is not None and _keeps_literal_space(proto) else None)
+        self._chunks = (_ChunkCache(self.encode_batch) if self._space_ids is not None and _chunk_cache_is_exact(proto)
+                        else None)
 
     @classmethod
     def from_file(cls, path: str, num_threads: int = 1) -> SentencePieceTokenizer:
@@ -150,40 +162,62 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
-              max_sentences: int = MAX_TRAIN_SENTENCES, num_threads: int = 1) -> SentencePieceTokenizer:
-        """Train on `texts` (each document is cut into its lines; "\\n" is a fixed piece). SentencePiece samples at
-        most `max_sentences` lines uniformly (reservoir sampling), which bounds the memory training takes."""
+              sample_bytes: int = SAMPLE_BYTES, num_threads: int = 1) -> SentencePieceTokenizer:
+        """Train on `texts`: each is cut into lines ("\\n" is a fixed piece, and a literal "▁" is never seen by the
+        model, see the module doc), of which a deterministic sample of at most `sample_bytes` is kept
+        (`LineSample`). Memory is about that sample, a few times over while SentencePiece trains, whatever the
+        size of `texts`; the same texts give the same model, byte for byte, in any process."""
         if model_type not in MODEL_TYPES:
             raise TokenizerError(f"model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
         if vocab_size < MIN_VOCAB:
             raise TokenizerError(f"vocabulary size {vocab_size} is too small: byte fallback takes 256 pieces and the "
                                  f"special pieces 6, so it must be at least {MIN_VOCAB}")
+        sample = LineSample(sample_bytes)
+        for text in texts:
+            sample.add_text(text)
+        if not sample.lines:
+            raise TokenizerError("no text to train the tokenizer on (every line is empty)")
+        lines = sample.lines
+        del sample  # `_handed_over` then holds the only reference to the lines
         model = io.BytesIO()
-        lines = _Lines(texts)
         try:
+            # input_sentence_size=0: SentencePiece takes every line given; it would sample with a seed of its own.
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=model,
+                sentence_iterator=_handed_over(lines), model_writer=model,
                 vocab_size=vocab_size, model_type=model_type,
                 pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
                 user_defined_symbols=[MASK, NEWLINE], byte_fallback=True,
                 normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
                 allow_whitespace_only_pieces=True, split_digits=False, character_coverage=0.9995,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                input_sentence_size=0, shuffle_input_sentence=False,
                 max_sentence_length=4 * MAX_LINE_CHARS,  # bytes; a character is at most 4 UTF-8 bytes
                 num_threads=TRAIN_THREADS, minloglevel=2)
         except RuntimeError as e:
-            if lines.error is not None:
-                raise lines.error from None  # SentencePiece wraps errors of the text iterator: unwrap them
             raise TokenizerError(_explain_training_error(str(e), vocab_size)) from None
         return cls(model.getvalue(), num_threads)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # SentencePiece encodes a list in C++ on `num_threads` threads; the result does not depend on the count.
-        return self.sp.encode(list(texts), num_threads=self.num_threads)
+        texts = list(texts)
+        ids = self.sp.encode(texts, num_threads=self.num_threads)
+        if self._space_ids is not None:
+            for i, text in enumerate(texts):
+                if SPACE in text:  # rare: encode again, keeping each literal "▁" as its bytes
+                    ids[i] = self._encode_literal_spaces(text)
+        return ids
+
+    def _encode_literal_spaces(self, text: str) -> list[int]:
+        """The parts of `text` between its literal "▁" encoded as usual, joined by the byte pieces of "▁"."""
+        parts = self.sp.encode(text.split(SPACE))
+        ids = parts[0]
+        for part in parts[1:]:
+            ids += self._space_ids
+            ids += part
+        return ids
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if self._chunks is not None:
-            return self._chunks.encode_flat(texts, self.num_threads)
+            return self._chunks.encode_flat(texts)
         return super().encode_flat(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -206,10 +240,12 @@ class SentencePieceTokenizer(Tokenizer):
     def save_hf(self, directory: str) -> None:
         """Write tokenizer.json and tokenizer_config.json: a `tokenizers` model built from the SentencePiece pieces
         (BPE with merges ranked by piece score, or Unigram with the piece scores; byte fallback; " " as "▁";
-        user-defined pieces kept whole) that encodes text to the same ids as SentencePiece. Two known corner cases:
+        user-defined pieces kept whole) that encodes text to the same ids as SentencePiece. Three known corner cases:
         unigram ties (two splits with the same score, as in "**********") may break the other way, with the same
-        pieces; and for BPE, a text between two newlines (or <mask>) that is exactly a special or byte piece's
-        name, such as a line "<s>", maps to that piece.
+        pieces; for BPE, a text between two newlines (or <mask>) that is exactly a special or byte piece's
+        name, such as a line "<s>", maps to that piece; and a literal "▁" encodes as a space there (`tokenizers`
+        cannot send one character to chosen byte pieces) where this tokenizer gives its three byte pieces.
+        Decoding is the same in both: the ids of this tokenizer decode to the same text, "▁" included.
 
         `split_special_tokens=True`: a "<s>" typed in the text is text, as it was for the shards; insert special
         tokens by id (`tok.bos_token_id`). "<mask>" is a user-defined piece and maps to its id either way."""
@@ -308,24 +344,57 @@ def folder_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class _Lines:
-    """The training sentences: the lines of each text. Lines, not documents: "\n" is a fixed piece anyway, and
+class LineSample:
+    """A deterministic sample of training lines, at most `max_bytes` of them, taken in one streaming pass.
+
+    The training sentences are the lines of each text, not whole texts: "\\n" is a fixed piece anyway, and
     SentencePiece drops sentences longer than max_sentence_length, so long lines are cut into MAX_LINE_CHARS
-    pieces rather than lost. An exception of `texts` (bad input) is kept: SentencePiece turns it into a
-    RuntimeError that no longer names the file and line."""
+    pieces rather than lost. A literal "▁" also ends a sentence: encoding never shows one to the model.
 
-    def __init__(self, texts: Iterable[str]):
-        self.texts, self.error = texts, None
+    A line is kept when a keyed 64-bit blake2b of it is below a threshold. The threshold starts above every hash
+    and drops by a quarter (the lines above it are let go) whenever the kept lines pass `max_bytes`, so the sample
+    ends up between about 3/4 and all of `max_bytes`. Which lines are kept depends only on the lines themselves,
+    never on the order, the process or a random seed; they are kept in their input order. Each line counts its
+    UTF-8 bytes plus LINE_OVERHEAD (what holding it costs in Python, then in SentencePiece), so a corpus of very
+    short lines is bounded too.
+    """
 
-    def __iter__(self) -> Iterator[str]:
-        try:
-            for text in self.texts:
-                for line in text.split("\n"):
-                    for start in range(0, len(line), MAX_LINE_CHARS):
-                        yield line[start:start + MAX_LINE_CHARS]
-        except Exception as e:
-            self.error = e
-            raise
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.below = 2**64             # keep the lines whose hash is below this
+        self.lines: list[bytes] = []   # UTF-8: smaller than str, and SentencePiece takes bytes as they are
+        self.hashes = array("Q")
+        self.bytes = 0
+
+    def add_text(self, text: str) -> None:
+        for line in re.split("[\n▁]", text):
+            for start in range(0, len(line), MAX_LINE_CHARS):
+                self.add(line[start:start + MAX_LINE_CHARS])
+
+    def add(self, line: str) -> None:
+        if not line:
+            return  # an empty sentence teaches SentencePiece nothing
+        data = line.encode("utf-8", "surrogatepass")
+        h = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=SAMPLE_KEY).digest(), "little")
+        if h >= self.below:
+            return
+        self.lines.append(data)
+        self.hashes.append(h)
+        self.bytes += len(data) + LINE_OVERHEAD
+        while self.bytes > self.max_bytes:
+            self.below = self.below * 3 // 4  # reaches 0 (nothing kept) in the end, so the loop always stops
+            keep = [kept < self.below for kept in self.hashes]
+            self.lines = list(compress(self.lines, keep))
+            self.hashes = array("Q", compress(self.hashes, keep))
+            self.bytes = sum(map(len, self.lines)) + LINE_OVERHEAD * len(self.lines)
+
+
+def _handed_over(lines: list) -> Iterator:
+    """Yield the items of `lines`, dropping each from the list once yielded: SentencePiece copies every line as it
+    reads it, and this way the Python copy shrinks as its copy grows instead of both being held in full."""
+    for i in range(len(lines)):
+        item, lines[i] = lines[i], None
+        yield item
 
 
 def _explain_training_error(message: str, vocab_size: int) -> str:
@@ -397,6 +466,16 @@ def _hf_backend(proto):
     return backend
 
 
+def _keeps_literal_space(proto) -> bool:
+    """Whether a literal "▁" can be kept as its byte pieces: the model has byte pieces, and it sees the text as
+    given (no normalisation rule, no dummy prefix, no whitespace removal), so encoding the parts between the
+    "▁" one by one changes nothing else. Other models (an external one with a dummy prefix, say) keep
+    SentencePiece's own behaviour: a literal "▁" decodes as a space."""
+    norm = proto.normalizer_spec
+    return (proto.trainer_spec.byte_fallback and norm.escape_whitespaces and not norm.add_dummy_prefix
+            and not norm.remove_extra_whitespaces and not norm.precompiled_charsmap)
+
+
 def _chunk_cache_is_exact(proto) -> bool:
     """Whether encoding chunk by chunk (see `_ChunkCache`) gives exactly SentencePiece's ids for this model.
 
@@ -419,24 +498,25 @@ def _chunk_cache_is_exact(proto) -> bool:
     return any(p.type == USER_DEFINED and p.piece == NEWLINE for p in proto.pieces)
 
 
-# A chunk is a run of spaces, the word after it (no spaces, no newline) and the newlines after that; every
-# character matches one branch, so the chunks of a text join back to exactly the text. A cut before a run of
-# spaces or next to a newline is one no piece straddles (checked in `_chunk_cache_is_exact`). A literal "▁" is
-# a space to SentencePiece, so it is one here too.
-_CHUNK = re.compile(r"[ ▁]*[^ ▁\n]+\n*|[ ▁]+\n*|\n+")
+# A chunk is a run of spaces, the word after it (no spaces, no newline) and the newlines after that, or a literal
+# "▁" alone; every character matches one branch, so the chunks of a text join back to exactly the text. A cut
+# before a run of spaces or next to a newline is one no piece straddles (checked in `_chunk_cache_is_exact`); a
+# cut next to a literal "▁" is one that encoding makes anyway (`SentencePieceTokenizer._encode_literal_spaces`).
+_CHUNK = re.compile(r" *[^ ▁\n]+\n*| +\n*|\n+|▁")
 
 
 class _ChunkCache:
     """Encodes text as the concatenation of its cached chunk encodings (see `_chunk_cache_is_exact`).
 
     Natural text repeats its words, so nearly every chunk is a dictionary hit and only the new ones go through
-    SentencePiece; the ids of a batch are then gathered with numpy. This is 2-3x faster than SentencePiece on
-    whole documents and gives the same ids. The cache is cleared when it reaches `max_entries` chunks
-    (about 100 bytes each) or `max_tokens` ids, so memory stays bounded whatever the corpus.
+    `encode` (the tokenizer's own batch encoding); the ids of a batch are then gathered with numpy. This is 2-3x
+    faster than SentencePiece on whole documents and gives the same ids. The cache is cleared when it reaches
+    `max_entries` chunks (about 100 bytes each) or `max_tokens` ids, so memory stays bounded whatever the corpus.
     """
 
-    def __init__(self, sp: spm.SentencePieceProcessor, max_entries: int = 100_000, max_tokens: int = 1_000_000):
-        self.sp, self.max_entries, self.max_tokens = sp, max_entries, max_tokens
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]], max_entries: int = 100_000,
+                 max_tokens: int = 1_000_000):
+        self.encode, self.max_entries, self.max_tokens = encode, max_entries, max_tokens
         self.clear()
 
     def clear(self) -> None:
@@ -446,7 +526,7 @@ class _ChunkCache:
         self.lengths = np.zeros(1 << 12, np.int64)
         self.used = 0                            # ids stored in `flat`
 
-    def encode_flat(self, texts: Sequence[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if len(self.index) > self.max_entries or self.used > self.max_tokens:
             self.clear()  # the bound holds to within one batch: a batch only adds its own new chunks
         chunk_lists = list(map(_CHUNK.findall, texts))
@@ -455,7 +535,7 @@ class _ChunkCache:
         missing = set(chunks).difference(self.index)  # the order of new entries does not matter to the ids
         if missing:
             missing = list(missing)
-            self._add(missing, self.sp.encode(missing, num_threads=num_threads))
+            self._add(missing, self.encode(missing))
         entries = np.array(list(map(self.index.__getitem__, chunks)), dtype=np.int64)
         # Gather: chunk j of the batch contributes flat[starts[e_j] : starts[e_j] + lengths[e_j]].
         lengths = self.lengths[entries]
@@ -496,4 +576,4 @@ def describe(tok: Tokenizer) -> dict:
             "file": SP_MODEL_FILE if tok.kind == "sentencepiece" else HF_FOLDER + "/"}
 
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "describe", "folder_sha256"]
+__all__ = ["HFTokenizer", "LineSample", "SentencePieceTokenizer", "Tokenizer", "TokenizerError", "describe", "folder_sha256"]
