@@ -58,6 +58,10 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
     # The deepspeed launcher appends --local_rank=N to every rank's command line; the rank comes from
     # the environment (LOCAL_RANK), so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # `deepspeed.add_config_arguments` defines --deepspeed ("enable DeepSpeed"), so commands are often written
+    # `script.py --deepspeed --deepspeed_config X`. These stages always run on DeepSpeed: accepted and ignored
+    # (without it argparse would call --deepspeed an ambiguous prefix of --deepspeed_config).
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

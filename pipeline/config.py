@@ -7,11 +7,17 @@ Every stage reads its DeepSpeed config through this module, before any process g
     for w in warnings: print(w)          # once, on rank 0
     deepspeed.initialize(..., config=cfg)  # and write cfg to RUN/ds_config.json
 
-All functions are pure (no process group, no files written, deepspeed is never imported), so
-`python -m pipeline.pretrain --dry-run` and the unit tests can use them anywhere.
+No function starts a process group or writes a file, so `python -m pipeline.pretrain --dry-run` and
+the unit tests can use them anywhere. `resolve_ds_config` ends by handing the result to DeepSpeed's
+own parser (`DeepSpeedConfig`) and building its LR scheduler on a toy optimizer, as
+`deepspeed.initialize` will: a config DeepSpeed rejects (an unknown key under zero_optimization, a
+scheduler argument it does not take) is an error "JSON: DeepSpeed rejects it: ..." before the run
+folder is written.
 
-The meaning of "auto" (ds_configs/README.md says the same for users). DeepSpeed fills no "auto"
-itself outside the HuggingFace Trainer integration, so each is filled here or is an error:
+The shipped ds_configs/*.json are valid for plain DeepSpeed as they stand: no "auto" in them, no
+train_batch_size (DeepSpeed derives it, and so does `resolve_batch`: a missing key is derived, like
+"auto"). "auto" is still accepted in a user's JSON (as the HuggingFace integration does); DeepSpeed
+fills none outside the HuggingFace Trainer, so each is filled here or is an error:
 
     train_batch_size                micro x accumulation x data-parallel size
     train_micro_batch_size_per_gpu  train_batch_size // (accumulation x dp) when the train batch is
@@ -24,13 +30,25 @@ itself outside the HuggingFace Trainer integration, so each is filled here or is
     pipeline.stages                 1
     anything else                   an error naming the key path
 
+The LR schedule and --train-steps: the scheduler's numbers mean what they mean to DeepSpeed. A
+concrete total_num_steps is the schedule's length and --train-steps is where the run stops; when the
+two differ, one line says so (a run stopped before the schedule ends continues on the same schedule
+when rerun with a larger --train-steps, so it resumes exactly). "auto" fits the schedule to the run.
+
 Data-parallel size = world_size // pipeline stages; a world size that the stages do not divide is
 an error. train = micro x accumulation x dp must hold exactly: a contradiction is an error naming
 every value, e.g. "train_batch_size 32 != train_micro_batch_size_per_gpu 4 x
 gradient_accumulation_steps 2 x data-parallel size 2 = 16".
 
 TensorBoard is always enabled and always points at RUN/tensorboard, because every run records its
-metrics there (a concrete output_path elsewhere is replaced, with a warning).
+metrics there. The shipped files say "output_path": "tensorboard" (plain DeepSpeed writes to
+./tensorboard; relative to the run folder it is RUN/tensorboard); another output_path is replaced,
+with a warning.
+
+The `activation_checkpointing` block turns activation recomputation on (HuggingFace gradient
+checkpointing in a plain run). DeepSpeed applies its options (partition_activations,
+cpu_checkpointing, ...) only to models that call deepspeed.checkpointing themselves, which these do
+not: options that are set get one warning naming them.
 
 Adaptations on the CPU accelerator (accelerator == "cpu"), read from deepspeed 0.19.8's source:
 - fp16 -> bf16, with one warning. `DeepSpeedEngine._do_sanity_check` raises "Type fp16 is not
@@ -216,8 +234,9 @@ def _resolve(cfg: dict, *, world_size: int, train_steps: int, output_dir: str,
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum
 
-    _resolve_scheduler(cfg, train_steps)
+    _resolve_scheduler(cfg, train_steps, warnings)
     _resolve_tensorboard(cfg, output_dir, warnings)
+    _warn_ignored_activation_checkpointing(cfg, warnings)
 
     if accelerator == "cpu":
         _adapt_to_cpu(cfg, warnings)
@@ -226,6 +245,7 @@ def _resolve(cfg: dict, *, world_size: int, train_steps: int, output_dir: str,
     if leftover:
         raise ValueError(f"\"auto\" has no meaning here for: {', '.join(leftover)} (see ds_configs/README.md "
                          "for the keys that accept \"auto\"); give a value")
+    _check_with_deepspeed(cfg)
     return cfg, warnings
 
 
@@ -249,18 +269,27 @@ def _check_pipeline_block(block: dict) -> None:
         raise ValueError(f"pipeline.use_reentrant must be true or false, got {block['use_reentrant']!r}")
 
 
-def _resolve_scheduler(cfg: dict, train_steps: int) -> None:
+def _resolve_scheduler(cfg: dict, train_steps: int, warnings: list[str]) -> None:
+    """Fill "auto" step counts from the run's steps. A concrete total_num_steps is the schedule's length, as
+    for DeepSpeed: kept, with one line when the run is shorter or longer than the schedule."""
     params = _block(cfg, "scheduler").get("params")
     if not params:
         return
     if params.get("total_num_steps") == AUTO:
         params["total_num_steps"] = train_steps
+    total = params.get("total_num_steps")
     if params.get("warmup_num_steps") == AUTO:
         # WarmupLR has no total: its warmup follows the run's length.
-        total = params.get("total_num_steps", train_steps)
-        if not _is_int(total) or total < 1:
-            raise ValueError(f"scheduler.params.total_num_steps must be a positive integer, got {total!r}")
-        params["warmup_num_steps"] = max(1, total // WARMUP_FRACTION_DENOMINATOR)
+        base = train_steps if total is None else total
+        if not _is_int(base) or base < 1:
+            raise ValueError(f"scheduler.params.total_num_steps must be a positive integer, got {base!r}")
+        params["warmup_num_steps"] = max(1, base // WARMUP_FRACTION_DENOMINATOR)
+    if _is_int(total) and total != train_steps:
+        where = (f"stops at step {train_steps} of it" if train_steps < total
+                 else f"trains {train_steps - total} steps past its end")
+        warnings.append(f"the LR schedule is {total} steps long (scheduler.params.total_num_steps) and this run "
+                        f"trains {train_steps}: it {where}. The JSON's schedule is kept, so a run stopped early "
+                        "resumes on it; \"total_num_steps\": \"auto\" fits the schedule to the run")
 
 
 def _resolve_tensorboard(cfg: dict, output_dir: str, warnings: list[str]) -> None:
@@ -269,11 +298,65 @@ def _resolve_tensorboard(cfg: dict, output_dir: str, warnings: list[str]) -> Non
     if tb.get("enabled", True) is not True:
         warnings.append(f"tensorboard.enabled {tb['enabled']!r} ignored: every run writes TensorBoard events to {wanted}")
     path = tb.get("output_path", AUTO)
-    if path not in (AUTO, "", wanted):
+    # "tensorboard", as shipped, is RUN/tensorboard relative to the run folder (plain DeepSpeed: ./tensorboard).
+    if path not in (AUTO, "") and os.path.normpath(os.path.join(output_dir, str(path))) != os.path.normpath(wanted):
         warnings.append(f"tensorboard.output_path {path!r} replaced by {wanted}: the run folder holds its events")
     if tb.get("job_name", "") not in ("", AUTO):
         warnings.append(f"tensorboard.job_name {tb['job_name']!r} ignored: events go to {wanted} itself")
     tb.update(enabled=True, output_path=wanted, job_name="")
+
+
+# DeepSpeed's activation-checkpointing options (deepspeed/runtime/activation_checkpointing/config.py).
+ACTIVATION_CHECKPOINTING_OPTIONS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
+                                    "number_checkpoints", "synchronize_checkpoint_boundary", "profile")
+
+
+def _warn_ignored_activation_checkpointing(cfg: dict, warnings: list[str]) -> None:
+    """DeepSpeed reads these options only through deepspeed.checkpointing.configure(), for models that call its
+    checkpoint function themselves; here the block only turns recomputation on, so set options do nothing."""
+    block = _block(cfg, "activation_checkpointing")
+    ignored = [key for key in ACTIVATION_CHECKPOINTING_OPTIONS if block.get(key) not in (None, False)]
+    if ignored:
+        warnings.append(f"activation_checkpointing: {', '.join(ignored)} ignored. The block only turns activation "
+                        "recomputation on (HuggingFace gradient checkpointing of every decoder layer; for a pipeline, "
+                        "pipeline.activation_checkpoint_interval); DeepSpeed applies these options only to models that "
+                        "call deepspeed.checkpointing themselves")
+
+
+def _check_with_deepspeed(cfg: dict) -> None:
+    """Parse the resolved config with DeepSpeed's own parser and build its LR scheduler on a toy optimizer, as
+    deepspeed.initialize will, so that a config DeepSpeed rejects fails now, with DeepSpeed's reason.
+
+    Without a process group DeepSpeedConfig takes the world size as 1 and checks train = micro x accum x 1; the
+    batch arithmetic was checked above with the real data-parallel size, so the train batch is left out here
+    and DeepSpeed derives it."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        ds = DeepSpeedConfig({k: v for k, v in cfg.items() if k != "train_batch_size"})
+        if ds.scheduler_name is not None:
+            # deepspeed.runtime.engine.DeepSpeedEngine._scheduler_from_config, on a one-parameter optimizer.
+            scheduler = getattr(lr_schedules, ds.scheduler_name, None) or getattr(torch.optim.lr_scheduler,
+                                                                                 ds.scheduler_name, None)
+            if scheduler is None:
+                raise ValueError(f"scheduler.type {ds.scheduler_name!r} is neither a DeepSpeed LR schedule nor in "
+                                 "torch.optim.lr_scheduler")
+            toy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+            scheduler(toy, **(ds.scheduler_params or {}))
+    except (ValueError, TypeError, AssertionError, KeyError) as e:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"DeepSpeed rejects it: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """One line for an error: pydantic's first error as `Model: key.path: message`, else the message's first line."""
+    errors = getattr(error, "errors", None)
+    if callable(errors) and getattr(error, "title", None):
+        first = errors()[0]
+        return f"{error.title}: {'.'.join(str(k) for k in first['loc'])}: {first['msg']}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def cpu_has_native_bf16() -> bool:

@@ -10,6 +10,10 @@ rank. `latest` is written by this loop (not DeepSpeed) after every rank has fini
 under a temporary name and then renamed: a kill mid-save never leaves `latest` naming a partial
 checkpoint. A checkpoint folder newer than the one `latest` names (or any, with no `latest`) was being
 written when the run died: resume says so and removes it. The last `keep` checkpoints are kept.
+Each checkpoint's client state holds the step, the data position (`task.state()`), the best record and
+the train metrics at that step (train_loss, grad_norm, tokens_per_sec): a rerun with nothing left to
+train reports those, not nulls. Throughput leaves the first `warmup_steps` steps of a process out when
+more follow, and is measured over every step when there are too few to leave any out.
 Before the first step every rank checks that it can write the checkpoint folder and that a
 checkpoint fits (free space, the file-size limit); a save that fails anyway stops the run naming the
 folder, with `latest` still naming the last complete checkpoint.
@@ -260,9 +264,22 @@ def save_checkpoint(engine, settings: LoopSettings, step: int, client_state: dic
     barrier()
 
 
+class StartStep(int):
+    """What `resume` returns: the step to continue from (an int, as the stages use it), carrying the train
+    metrics the checkpoint recorded (`recorded`: train_loss, grad_norm, tokens_per_sec), so that a resumed run
+    that logs nothing itself, or a rerun of a finished run, still reports them."""
+
+    recorded: dict
+
+    def __new__(cls, step: int, recorded: dict):
+        start = super().__new__(cls, step)
+        start.recorded = recorded
+        return start
+
+
 def resume(engine, task: Task, settings: LoopSettings) -> int:
-    """Load `latest` when there is one; returns the step to continue from (0 for a fresh run).
-    Checkpoint folders that `latest` never named were cut off mid-save: reported and removed."""
+    """Load `latest` when there is one; returns the step to continue from (0 for a fresh run), a `StartStep`
+    when resuming. Checkpoint folders that `latest` never named were cut off mid-save: reported and removed."""
     partial = incomplete_tags(settings.checkpoint_dir)
     tag = latest_tag(settings.checkpoint_dir)
     barrier()  # every rank has looked before rank 0 removes anything
@@ -291,7 +308,7 @@ def resume(engine, task: Task, settings: LoopSettings) -> int:
     if client_state.get("best") and engine.global_rank == 0:  # the record as it stood at this checkpoint
         write_json(os.path.join(settings.checkpoint_dir, BEST_FILE), client_state["best"])
     barrier()
-    return int(client_state["step"])
+    return StartStep(int(client_state["step"]), client_state.get("train") or {})
 
 
 # ---------------------------------------------------------------- the loop
@@ -353,17 +370,66 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Throughput:
+    """Training tokens/s of the steps this process takes, evaluation and checkpoint time excluded: timed from the
+    end of the first `warmup` steps (first-step allocation, warm caches) when more steps follow, else over every
+    step taken (a resumed run that trains one or two steps still gets a figure)."""
+
+    def __init__(self, tokens_per_step: int, warmup: int, device: torch.device):
+        self.tokens_per_step, self.warmup, self.device = tokens_per_step, warmup, device
+        self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
+        self.timed_steps, self.timed_start, self.timed_excluded = 0, self.start, 0.0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:  # timed from here
+            _sync(self.device)
+            self.timed_start, self.timed_excluded = time.perf_counter(), 0.0
+        elif self.steps > self.warmup:
+            self.timed_steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+        self.timed_excluded += seconds
+
+    def value(self) -> float | None:
+        """Tokens/s so far; None before the first step."""
+        if not self.steps:
+            return None
+        _sync(self.device)
+        now = time.perf_counter()
+        if self.timed_steps:
+            steps, seconds = self.timed_steps, now - self.timed_start - self.timed_excluded
+        else:
+            steps, seconds = self.steps, now - self.start - self.excluded
+        return steps * self.tokens_per_step / max(seconds, 1e-9)
+
+
+def _step_metrics(engine, recent: torch.Tensor, accum: int) -> dict:
+    """The loss of the optimizer step just taken (`recent`: summed over micro-batches), averaged over micro-batches
+    and ranks, and the global gradient norm. A collective: every rank calls it at the same step."""
+    values = torch.stack([recent / accum]).double()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    norm = engine.get_global_grad_norm()
+    return {"train_loss": float(values[0]), "grad_norm": float(norm) if norm is not None else None}
+
+
 def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_step: int) -> dict:
-    """Run optimizer steps start_step+1 .. train_steps. Returns the final train metrics."""
+    """Run optimizer steps start_step+1 .. train_steps. Returns the final train metrics.
+
+    `start_step` is what `resume` returned: when it carries the metrics its checkpoint recorded, a run with
+    nothing left to train (a rerun of a finished run) reports those instead of nothing."""
     device = engine.device
     accum = engine.gradient_accumulation_steps()
     step = start_step
     recent = torch.zeros((), device=device)  # loss of the last optimizer step, summed over micro-batches
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    last = {"train_loss": None, "grad_norm": None}
-    timed_steps, excluded = 0, 0.0
-    clock = time.perf_counter()
-    interval_start, interval_steps, interval_excluded = clock, 0, 0.0
+    recorded = getattr(start_step, "recorded", {})  # the checkpoint's train metrics (StartStep)
+    last = {"train_loss": recorded.get("train_loss"), "grad_norm": recorded.get("grad_norm")}
+    last_step = start_step  # the step whose metrics `last` holds
+    interval_start, interval_steps, interval_excluded = time.perf_counter(), 0, 0.0
     tracker = _BestTracker(settings, start_step, device) if settings.best_metric else None
     before_step = getattr(task, "before_step", None)
     stopped = tracker is not None and tracker.exhausted  # a rerun of a run that had stopped early
@@ -376,6 +442,7 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
         micro_batches = task.micro_batches()  # lazy: the data position moves only as the engine reads
 
     check_checkpoint_room(engine, settings)
+    throughput = _Throughput(task.tokens_per_step, settings.warmup_steps, device)
     while step < settings.train_steps and not stopped:
         recent.zero_()
         try:
@@ -401,15 +468,10 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
                 "warmup or gradient clipping, or check the data") from e
         step += 1
         interval_steps += 1
+        throughput.step()
         # Remember the first non-finite step without a host sync; checked at log time.
         bad = ~torch.isfinite(recent)
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-
-        if step == start_step + settings.warmup_steps:  # throughput is timed from here
-            _sync(device)
-            clock, excluded, timed_steps = time.perf_counter(), 0.0, 0
-        elif step > start_step + settings.warmup_steps:
-            timed_steps += 1
 
         is_log = step % settings.log_interval == 0 or step == settings.train_steps
         is_eval = settings.eval_interval > 0 and step % settings.eval_interval == 0
@@ -422,13 +484,8 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
         if is_log:
             _sync(device)
             now = time.perf_counter()
-            values = torch.stack([recent / accum]).double()
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(values)
-                values /= torch.distributed.get_world_size()
-            last["train_loss"] = float(values[0])
-            norm = engine.get_global_grad_norm()
-            last["grad_norm"] = float(norm) if norm is not None else None
+            last.update(_step_metrics(engine, recent, accum))
+            last_step = step
             seconds = now - interval_start - interval_excluded
             tokens_per_sec = interval_steps * task.tokens_per_step / max(seconds, 1e-9)
             lr = engine.get_lr()[0]
@@ -449,6 +506,7 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
             interval_start, interval_steps, interval_excluded = time.perf_counter(), 0, 0.0
 
         if is_eval or is_save:
+            tokens_per_sec = throughput.value()  # before evaluating and saving, which it leaves out
             t0 = time.perf_counter()
             best = None
             if is_eval:
@@ -464,18 +522,25 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
                         monitor.print(f"step {step:>6} | early stop: no better {settings.best_metric} in "
                                       f"{tracker.bad} evaluations (best {tracker.value:.4f} at step {tracker.step})")
             if is_save:
-                state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None}
+                if last_step != step:  # a save between log steps records this step's loss all the same
+                    last.update(_step_metrics(engine, recent, accum))
+                    last_step = step
+                state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None,
+                         "train": {**last, "tokens_per_sec": tokens_per_sec}}
                 save_checkpoint(engine, settings, step, state, best=best)
                 last_saved = step
             spent = time.perf_counter() - t0
-            excluded += spent
+            throughput.exclude(spent)
             interval_excluded += spent
 
-    _sync(device)
-    timed_seconds = time.perf_counter() - clock - excluded
-    tokens_per_sec = (timed_steps * task.tokens_per_step / timed_seconds) if timed_steps and timed_seconds > 0 else None
+    if last_step != step:  # stopped early between log steps: the last step's loss, not an older one
+        last.update(_step_metrics(engine, recent, accum))
+        last_step = step
+    # Nothing trained in this process (a rerun of a finished run): the figure its checkpoint recorded.
+    tokens_per_sec = throughput.value() if throughput.steps else recorded.get("tokens_per_sec")
     if settings.save_interval > 0 and step % settings.save_interval != 0 and step > last_saved:
-        state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None}
+        state = {"step": step, "data": task.state(), "best": tracker.record() if tracker else None,
+                 "train": {**last, "tokens_per_sec": tokens_per_sec}}
         save_checkpoint(engine, settings, step, state)  # the final state
     result = {"steps": step, "train_loss": last["train_loss"], "grad_norm": last["grad_norm"],
               "tokens_per_sec": tokens_per_sec, "perplexity": math.exp(min(last["train_loss"] or 0.0, 50.0))}

@@ -1,8 +1,10 @@
-"""pipeline.config: batch arithmetic, "auto" filling, CPU adaptation, and every shipped DeepSpeed JSON
-accepted by DeepSpeed's own config parser."""
+"""pipeline.config: batch arithmetic, "auto" filling, the LR schedule against --train-steps, CPU adaptation,
+DeepSpeed's own parser run on every resolved config, and every shipped DeepSpeed JSON accepted by DeepSpeed as
+it stands; the stages' command line."""
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -20,6 +22,7 @@ from pipeline.config import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Top level only: ds_configs/compression/ is tested with pipeline.compress.
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+EVERY_SHIPPED = SHIPPED + sorted(glob.glob(os.path.join(REPO, "ds_configs", "compression", "*.json")))
 DESIGN_NAMES = {f"{zero}{suffix}.json" for zero in ("zero0", "zero1", "zero2", "zero3", "zero2_offload",
                                                    "zero3_offload") for suffix in ("", "_fp16")} | {"pipe2.json"}
 
@@ -154,8 +157,11 @@ def test_shipped_config_resolves_and_deepspeed_accepts_it(path, accelerator, dee
         assert auto_paths(cfg) == []
         dp = world // stages
         assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * dp
-        assert cfg["scheduler"]["params"]["total_num_steps"] == 50
-        assert cfg["scheduler"]["params"]["warmup_num_steps"] == 2  # 50 // 20
+        # The shipped schedule is the JSON's; this 50-step run stops partway through it (one line says so).
+        assert cfg["scheduler"]["params"] == raw["scheduler"]["params"]
+        schedule_note = [w for w in warnings if "scheduler.params.total_num_steps" in w]
+        assert len(schedule_note) == 1 and "this run trains 50: it stops at step 50 of it" in schedule_note[0]
+        warnings = [w for w in warnings if w not in schedule_note]
 
         ds = deepspeed_config_parser(cfg, dp)
         assert ds.world_size == dp
@@ -177,6 +183,45 @@ def test_shipped_config_resolves_and_deepspeed_accepts_it(path, accelerator, dee
             assert precision == precision_of(raw)
             assert warnings == []
             assert "torch_adam" not in cfg["optimizer"]["params"]
+
+
+def deepspeed_scheduler(cfg):
+    """The LR scheduler deepspeed.initialize would build from this config (engine._scheduler_from_config), on a
+    one-parameter optimizer."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    sched = cfg["scheduler"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg["optimizer"]["params"]["lr"])
+    return getattr(lr_schedules, sched["type"])(optimizer, **sched["params"])
+
+
+@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "ds_configs")))
+def test_shipped_json_is_valid_for_plain_deepspeed_as_it_stands(path, deepspeed_config_parser):
+    """DESIGN: a config in ds_configs/ is valid for plain DeepSpeed as it stands (a compression config once its
+    `compression` block is set aside): DeepSpeed's parser takes the raw file and its scheduler builds."""
+    with open(path) as f:
+        raw, block = split_compression(json.load(f))
+    assert (block is not None) == ("compression" in path)
+    assert auto_paths(raw) == [] and "train_batch_size" not in raw  # DeepSpeed derives it: micro x accum x dp
+    for dp in (1, 2):
+        ds = deepspeed_config_parser(raw, dp)
+        assert ds.train_batch_size == raw["train_micro_batch_size_per_gpu"] * raw["gradient_accumulation_steps"] * dp
+    # Used as it stands, TensorBoard writes to ./tensorboard (a stage: RUN/tensorboard), not to a folder "auto".
+    assert ds.monitor_config.tensorboard.output_path == "tensorboard"
+    scheduler = deepspeed_scheduler(raw)
+    params = raw["scheduler"]["params"]
+    assert 0 < params["warmup_num_steps"] < params["total_num_steps"]
+    peak = raw["optimizer"]["params"]["lr"]
+    for _ in range(params["total_num_steps"] + 5):
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(peak * params["cos_min_ratio"])  # warmup, then cosine down
+
+
+def test_the_shipped_tensorboard_path_is_the_run_folder_without_a_warning(tmp_path):
+    raw = load_ds_config(os.path.join(REPO, "ds_configs", "zero1.json"))
+    cfg, warnings = resolve(raw, train_steps=raw["scheduler"]["params"]["total_num_steps"], output_dir=str(tmp_path))
+    assert cfg["tensorboard"]["output_path"] == str(tmp_path / "tensorboard") and warnings == []
 
 
 def test_shipped_zero3_configs_gather_weights_for_export():
@@ -234,6 +279,24 @@ def test_pipeline_stages_set_the_data_parallel_size():
 
 # ---------------------------------------------------------------- "auto" and the rest of resolution
 
+def test_a_concrete_schedule_is_kept_and_one_line_says_where_the_run_stops():
+    """The rule (README, DeepSpeed configs): total_num_steps is the schedule's length, as for DeepSpeed; --train-steps
+    is where the run stops. Identical in every stage: they all resolve through resolve_ds_config."""
+    sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": 1000, "warmup_num_steps": 10}}
+    cfg, warnings = resolve(base_cfg(scheduler=sched), train_steps=1000)
+    assert cfg["scheduler"]["params"] == sched["params"] and warnings == []  # the run is the schedule: nothing said
+
+    cfg, warnings = resolve(base_cfg(scheduler=sched), train_steps=200)
+    assert cfg["scheduler"]["params"] == sched["params"]
+    assert warnings == ["the LR schedule is 1000 steps long (scheduler.params.total_num_steps) and this run trains "
+                        "200: it stops at step 200 of it. The JSON's schedule is kept, so a run stopped early resumes "
+                        "on it; \"total_num_steps\": \"auto\" fits the schedule to the run"]
+
+    cfg, warnings = resolve(base_cfg(scheduler=sched), train_steps=1500)
+    assert cfg["scheduler"]["params"] == sched["params"]
+    assert len(warnings) == 1 and "it trains 500 steps past its end" in warnings[0]
+
+
 def test_scheduler_auto():
     sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}
     cfg, _ = resolve(base_cfg(scheduler=sched), train_steps=1000)
@@ -244,12 +307,72 @@ def test_scheduler_auto():
     sched["params"]["total_num_steps"] = 400
     cfg, _ = resolve(base_cfg(scheduler=sched), train_steps=10)
     assert cfg["scheduler"]["params"] == {"total_num_steps": 400, "warmup_num_steps": 20}
+    # WarmupLR has no total: its warmup follows the run.
+    cfg, warnings = resolve(base_cfg(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}),
+                            train_steps=200)
+    assert cfg["scheduler"]["params"] == {"warmup_num_steps": 10} and warnings == []
+
+
+def test_a_missing_train_batch_size_is_derived_like_auto():
+    cfg = base_cfg()
+    del cfg["train_batch_size"]
+    assert resolve(cfg, world_size=2)[0]["train_batch_size"] == 4 * 1 * 2
+    assert resolve(cfg, world_size=2)[0] == resolve(base_cfg(), world_size=2)[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": {"stage": 2, "bogus_key": 1}},
+     "DeepSpeed rejects it: DeepSpeedZeroConfig: bogus_key: Extra inputs are not permitted"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}},
+     "DeepSpeed rejects it: DeepSpeedZeroConfig: offload_param.device: Input should be"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_num_steps": 0}}},
+     "DeepSpeed rejects it: warmup_num_steps must be a positive integer, got 0"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "warmup_steps": 5}}},
+     "DeepSpeed rejects it: WarmupCosineLR.__init__() got an unexpected keyword argument 'warmup_steps'"),
+    ({"scheduler": {"type": "NoSuchLR", "params": {}}},
+     "DeepSpeed rejects it: scheduler.type 'NoSuchLR' is neither a DeepSpeed LR schedule nor in torch.optim"),
+])
+def test_a_config_deepspeed_rejects_is_an_error_naming_the_file(change, message):
+    with pytest.raises(ValueError) as e:
+        resolve_ds_config(base_cfg(**change), world_size=2, train_steps=100, output_dir="/runs/r", accelerator="cpu",
+                          source="my.json")
+    assert str(e.value).startswith(f"my.json: {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_deepspeed_rejects_fails_the_dry_run_before_the_run_folder(prepared, tmp_path):
+    """The stages resolve before anything starts, --dry-run included; pretrain stands for all three."""
+    from pipeline import pretrain
+
+    path = tmp_path / "bogus.json"
+    raw = load_ds_config(os.path.join(REPO, "ds_configs", "zero2.json"))
+    raw["zero_optimization"]["bogus_key"] = True
+    path.write_text(json.dumps(raw))
+    for extra in (["--dry-run"], []):
+        with pytest.raises(ValueError, match=f"^{path}: DeepSpeed rejects it: .*bogus_key"):
+            pretrain.main(["--data", prepared, "--model", "tiny", "--deepspeed_config", str(path), "--output",
+                           str(tmp_path / "run"), "--train-steps", "2", *extra])
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_auto_is_an_error_naming_the_key():
     cfg = base_cfg(zero_optimization={"stage": 2, "reduce_bucket_size": "auto"})
     with pytest.raises(ValueError, match=r"zero_optimization\.reduce_bucket_size"):
         resolve(cfg)
+
+
+@pytest.mark.parametrize("block, ignored", [
+    ({"partition_activations": True, "cpu_checkpointing": True, "contiguous_memory_optimization": False},
+     "partition_activations, cpu_checkpointing ignored"),
+    ({"contiguous_memory_optimization": True, "number_checkpoints": 4}, "contiguous_memory_optimization, "
+                                                                        "number_checkpoints ignored"),
+])
+def test_ignored_activation_checkpointing_options_get_one_warning(block, ignored):
+    cfg, warnings = resolve(base_cfg(activation_checkpointing=block))
+    assert len(warnings) == 1 and warnings[0].startswith(f"activation_checkpointing: {ignored}")
+    assert cfg["activation_checkpointing"] == block  # the block still turns recomputation on
+    assert resolve(base_cfg(activation_checkpointing={"partition_activations": False}))[1] == []
+    assert resolve(base_cfg(activation_checkpointing={}))[1] == []
 
 
 def test_tensorboard_always_goes_to_the_run_folder(tmp_path):
@@ -324,3 +447,19 @@ def test_split_compression():
         resolve(cfg)
     resolve(rest)
     assert split_compression(base_cfg()) == (base_cfg(), None)
+
+
+# ---------------------------------------------------------------- the command line (pipeline/cli.py)
+
+def test_the_deepspeed_flag_is_accepted_and_ignored(prepared, tmp_path, capsys):
+    """`deepspeed.add_config_arguments` defines --deepspeed; the usual `script.py --deepspeed --deepspeed_config X`
+    works (argparse called it an ambiguous prefix of --deepspeed_config before)."""
+    from pipeline import pretrain
+
+    pretrain.main(["--data", prepared, "--model", "tiny", "--deepspeed", "--deepspeed_config",
+                   os.path.join(REPO, "ds_configs", "zero0.json"), "--output", str(tmp_path / "run"),
+                   "--train-steps", "2", "--dry-run", "--local_rank=0"])
+    assert "train_batch_size" in capsys.readouterr().out
+    from pipeline.cli import build_parser
+
+    assert not re.search(r"--deepspeed(?![\w-])", build_parser(pretrain.Args, "").format_help())  # hidden
