@@ -21,12 +21,15 @@ Instruction tuning (loss on the response tokens only):
 Classification: labels (strings or integers) become the model config's id2label/label2id; the head is
 new (AutoModelForSequenceClassification; decoders pool the last non-pad token, so pad_token_id is
 set). Batches are padded per batch. Valid is evaluated every --eval-interval steps (accuracy, macro-F1,
-loss); the best checkpoint by --metric-for-best is kept (RUN/checkpoints/best), --patience stops early,
-and at the end the best weights are evaluated on valid and test (per-class precision/recall, confusion
-matrix) and exported to RUN/hf (adapters merged under --lora; --keep-adapters also writes RUN/adapter).
+loss, per-class precision/recall; rank 0 prints a per-class table with the confusion matrix); the best
+checkpoint by --metric-for-best is kept (RUN/checkpoints/best), --patience stops early, and at the end
+the best weights are evaluated on valid and test (per-class precision/recall, confusion matrix) and
+exported to RUN/hf (adapters merged under --lora; --keep-adapters also writes RUN/adapter).
 Rerunning the same command resumes from RUN/checkpoints/latest. Bad data stops before any process
 starts with FILE:LINE and what was expected; empty texts are dropped and counted, long texts truncated
-and counted (summary.json: dropped_empty, truncated).
+and counted (summary.json: dropped_empty, truncated); a valid/test label that train lacks is an error, or
+dropped and counted with --unseen-labels drop (dropped_unseen_label). A DatasetDict folder (save_to_disk)
+is given one split at a time as DIR:SPLIT, e.g. --train data/reviews:train --valid data/reviews:validation.
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ DEFAULT_MAX_LENGTH = 512
 class Args:
     task: str = arg("classify", help="classify: text -> label; sft: prompt -> response (loss on the response only)",
                     choices=list(TASKS))
-    train: str = arg(help="training file: jsonl, csv/tsv, parquet or a HF dataset folder", required=True, metavar="F")
+    train: str = arg(help="training file: jsonl, csv/tsv, parquet or a HF dataset folder (DIR:SPLIT for one split "
+                          "of a DatasetDict, e.g. data/reviews:train)", required=True, metavar="F")
     valid: str = arg(help="validation file (same format): evaluated during training, picks the best checkpoint",
                      required=True, metavar="F")
     test: str = arg(help="test file (same format): evaluated once at the end with the best weights", metavar="F")
@@ -89,6 +93,9 @@ class Args:
                                     "or loss for classify; loss for sft", choices=["macro_f1", "accuracy", "loss"])
     patience: int = arg(0, help="stop after this many validation runs without a better --metric-for-best "
                                 "(0: never stop early)")
+    unseen_labels: str = arg("error", help="classify: a valid/test label that the training data lacks stops the "
+                                           "run (error) or its examples are left out, counted and warned about "
+                                           "(drop; summary.json dropped_unseen_label)", choices=["error", "drop"])
     class_weights: str = arg("none", help="classify: 'balanced' weighs each class's loss by n / (classes x n_class) "
                                           "for imbalanced data", choices=["none", "balanced"])
     lora: bool = arg(False, help="train LoRA adapters (peft) instead of all weights; the export merges them")
@@ -129,6 +136,8 @@ def check_args(args: Args) -> None:
                          f"(choose from {', '.join(METRICS[args.task])})")
     if args.task == "sft" and args.class_weights != "none":
         raise ValueError("--class-weights applies to --task classify only")
+    if args.task == "sft" and args.unseen_labels != "error":
+        raise ValueError("--unseen-labels applies to --task classify only")
     if args.task == "classify" and args.packing:
         raise ValueError("--packing applies to --task sft only")
     if args.keep_adapters and not args.lora:
@@ -163,6 +172,7 @@ def load_data(args: Args) -> Data:
     )
 
     from pipeline.data import tasks
+    from pipeline.data.readers import dataset_split
     from pipeline.data.tokenizer import TokenizerError
     from pipeline.models import max_positions
     from pipeline.models.presets import ENCODERS
@@ -206,7 +216,7 @@ def load_data(args: Args) -> Data:
 
     paths = {"train": args.train, "valid": args.valid, **({"test": args.test} if args.test else {})}
     for name, path in paths.items():
-        if not os.path.exists(path):
+        if not os.path.exists(dataset_split(path)[0]):  # DIR:SPLIT names a split of a DatasetDict folder
             raise FileNotFoundError(f"--{name} {path}: no such file or folder")
     data = Data(tokenizer, config, max_length, {}, warnings=warnings)
     tok = tokenizer.tok
@@ -221,8 +231,17 @@ def load_data(args: Args) -> Data:
             raise ValueError(f"--train {args.train}: every example has the label {data.label_names[0]!r}; a classifier "
                              "needs at least two labels")
         for name in ("valid", "test"):
-            if name in data.splits:
-                tasks.check_known_labels(data.splits[name], data.label_names, args.train)
+            if name not in data.splits:
+                continue
+            split = data.splits[name]
+            if args.unseen_labels == "error":
+                tasks.check_known_labels(split, data.label_names, args.train)
+                continue
+            dropped = tasks.drop_unseen_labels(split, data.label_names)
+            if dropped:
+                counts = ", ".join(f"{label!r}: {n}" for label, n in sorted(dropped.items()))
+                warnings.append(f"{split.path}: {split.dropped_unseen_label} examples dropped (--unseen-labels drop): "
+                                f"their labels do not occur in the training data ({counts})")
         ratio = tasks.imbalance(train.labels)
         if ratio >= 3 and args.class_weights == "none":
             warnings.append(f"{args.train}: the largest class is {ratio:.1f}x the smallest; consider "
@@ -304,19 +323,29 @@ class _ExampleTask:
             yield self._batch(split, indices or [0]), len(indices)
 
     def state(self) -> dict:
-        return self.sampler.state()
+        state = self.sampler.state()
+        if self.before_step is not None:  # AdaLoRA's rank budget: the export of a checkpoint masks with its own
+            state["adalora"] = self.before_step.state()
+        return state
 
     def load_state(self, state: dict) -> None:
+        state = dict(state)
+        adalora = state.pop("adalora", None)
+        if adalora is not None and self.before_step is not None:
+            self.before_step.load_state(adalora)
         self.sampler.load_state(state)
 
 
 class ClassifyTask(_ExampleTask):
-    def __init__(self, data: Data, engine, dp_rank: int, dp_size: int, seed: int, weights: list[float] | None):
+    def __init__(self, data: Data, engine, dp_rank: int, dp_size: int, seed: int, weights: list[float] | None,
+                 show=None):
+        """`show`: where evaluate() prints its per-class table (Monitor.print: rank 0); None prints nothing."""
         import torch
 
         super().__init__(data, engine, dp_rank, dp_size, seed)
         self.labels = {split: label_ids(data, split) for split in data.splits}
         self.weight = torch.tensor(weights, dtype=torch.float32, device=self.device) if weights else None
+        self.show = show
 
     def _batch(self, split: str, indices: list[int]) -> dict:
         from pipeline.data.tasks import pad_batch
@@ -359,8 +388,17 @@ class ClassifyTask(_ExampleTask):
         return report
 
     def evaluate(self, engine, split: str) -> dict[str, float]:
+        """Loss, accuracy, macro-F1 and per-class precision_<label>/recall_<label> (the loop logs them as Eval/*)."""
+        from pipeline.data.tasks import format_per_class
+
         r = self.report(engine, split)
-        return {"loss": r["loss"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
+        if self.show is not None:
+            self.show(f"{split} per class:\n{format_per_class(r, self.data.label_names)}")
+        metrics = {"loss": r["loss"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]}
+        for name, c in r["per_class"].items():
+            metrics[f"precision_{name}"] = c["precision"]
+            metrics[f"recall_{name}"] = c["recall"]
+        return metrics
 
 
 class SFTTask(_ExampleTask):
@@ -494,7 +532,7 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
 
     from pipeline import config as dsconf
     from pipeline.data.tasks import class_weights, format_report
-    from pipeline.distributed import setup, teardown
+    from pipeline.distributed import return_freed_memory_under_zero3, setup, teardown
     from pipeline.export import export_hf
     from pipeline.files import write_json
     from pipeline.lora import AdaLoraUpdater, count_parameters
@@ -504,6 +542,7 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
 
     hf_logging.disable_progress_bar()  # per-rank loading/saving bars; the stage prints what matters
     dist = setup()
+    return_freed_memory_under_zero3(ds_config)
     finished = False
     try:
         if dist.is_main:
@@ -521,11 +560,14 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
         eval_interval = steps_per_epoch if args.eval_interval is None else args.eval_interval
         save_interval = eval_interval if args.save_interval is None else args.save_interval
         metric = args.metric_for_best or METRICS[args.task][0]
+        length = max(1, round(data.mean_length))
+        monitor = Monitor(engine, dist.is_main, training_flops_per_token(data.model_config, length),
+                          peak_flops(dist.accelerator))
         weights = None
         if args.task == "classify":
             if args.class_weights == "balanced":
                 weights = class_weights(label_ids(data, "train"), len(data.label_names))
-            task = ClassifyTask(data, engine, dist.rank, dist.world_size, args.seed, weights)
+            task = ClassifyTask(data, engine, dist.rank, dist.world_size, args.seed, weights, show=monitor.print)
         else:
             task = SFTTask(data, engine, dist.rank, dist.world_size, args.seed)
         if args.adalora:
@@ -535,9 +577,6 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
                                 save_interval=save_interval, keep_checkpoints=args.keep_checkpoints,
                                 checkpoint_dir=checkpoint_dir, best_metric=metric,
                                 higher_is_better=metric != "loss", patience=args.patience)
-        length = max(1, round(data.mean_length))
-        monitor = Monitor(engine, dist.is_main, training_flops_per_token(data.model_config, length),
-                          peak_flops(dist.accelerator))
         monitor.print(f"{args.task}: {data.examples['train']} training examples, {steps} steps of {train_batch} "
                       f"({steps * train_batch / len(data.splits['train']):.2f} epochs), {trainable:,} of {total:,} "
                       f"parameters trainable" + (f", labels {', '.join(data.label_names)}" if data.label_names else ""))
@@ -549,9 +588,10 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
         best = best_checkpoint(checkpoint_dir)
         if best is not None and best["step"] != result["steps"]:
             # The engine holds the last weights: bring back the best ones (the optimizer state comes along unused).
-            path, _ = engine.load_checkpoint(checkpoint_dir, tag=best["tag"])
+            path, client_state = engine.load_checkpoint(checkpoint_dir, tag=best["tag"])
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the best checkpoint {checkpoint_dir}/{best['tag']}")
+            task.load_state(client_state["data"])  # and its task state: under AdaLoRA, the rank pattern to export
             monitor.print(f"best {metric} {best['value']:.4f} at step {best['step']}: evaluating and exporting those "
                           "weights")
         reports = {split: task.report(engine, split) for split in data.splits if split != "train"}
@@ -583,6 +623,7 @@ def run(args: Args, data: Data, ds_config: dict, warnings: list[str], steps: int
         if args.task == "classify":
             summary["labels"] = data.label_names
             summary["class_weights"] = weights
+            summary["dropped_unseen_label"] = {s: v.dropped_unseen_label for s, v in data.splits.items()}
         else:
             summary.update(template=data.template, packing=args.packing, eval_loss=reports["valid"]["loss"],
                            eval_ppl=reports["valid"]["ppl"], train_sequences=len(data.splits["train"]))

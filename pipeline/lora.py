@@ -24,7 +24,9 @@ writes the masked singular values back with `safe_set_full_fp32_param`. It runs 
 before the optimizer step (the loop's `before_step` hook), where the reduced gradients are readable;
 peft's own loop masks after the step instead, so a masked value here carries one step of update. The
 orthogonality regulariser that peft adds to the model's own loss does not apply: the stage computes
-the loss itself.
+the loss itself. The rank pattern (which singular values are kept) is part of each checkpoint's task state
+(`state()`/`load_state()`), so the export of an earlier best checkpoint masks with that checkpoint's pattern,
+not the final one.
 """
 from __future__ import annotations
 
@@ -142,6 +144,14 @@ class AdaLoraUpdater:
         self.config = self.adalora.peft_config[self.name]
         # Names as peft's allocator sees them: relative to the transformers model inside AdaLoraModel.
         self.params = [(n, p) for n, p in self.adalora.model.named_parameters() if "lora_" in n and self.name in n]
+
+    def state(self) -> dict:
+        """The rank pattern as it stands (None before the first allocation): {module name: [kept, ...]}."""
+        return {"rank_pattern": self.config.rank_pattern}
+
+    def load_state(self, state: dict) -> None:
+        """Bring back a checkpoint's rank pattern: the export masks with it (see merged_model)."""
+        self.config.rank_pattern = state.get("rank_pattern")
 
     def __call__(self, engine, step: int) -> None:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param

@@ -13,6 +13,9 @@ renamed once every input is predicted: a failure leaves no partial file):
 - a causal LM (`*ForCausalLM`): {"prompt", "generated"}; greedy by default, sampling with
   `--temperature` > 0 (and `--top-p`); the prompt is formatted as `pipeline.finetune --task sft` did
   (the tokenizer's chat template when it has one, else the plain prompt; `--template` overrides).
+A text that is empty after stripping (or that the tokenizer turns into no ids) is not sent to the model: its
+row has label/score/probs (or generated) null and "skipped": "empty text". Texts longer than the model takes
+are truncated (a classifier keeps the start, a prompt its end). Both are counted on stderr.
 """
 from __future__ import annotations
 
@@ -112,40 +115,67 @@ def max_length_of(model, tokenizer) -> int:
     return min(limit, tokenizer.model_max_length) if tokenizer.model_max_length else limit
 
 
-def classify(model, tokenizer, texts: list[str]) -> list[dict]:
+SKIPPED = "empty text"  # the "skipped" value of a row whose text was not sent to the model
+
+
+def kept(texts: list[str], ids: list[list[int]]) -> list[int]:
+    """Indices of the texts to predict: not empty after stripping, and with token ids (an empty text would
+    crash the model's forward, or get a prediction that means nothing)."""
+    return [i for i, (text, seq) in enumerate(zip(texts, ids)) if text.strip() and seq]
+
+
+def classify(model, tokenizer, texts: list[str]) -> tuple[list[dict], int]:
+    """(one row per text, how many texts were truncated to the model's maximum)."""
     import torch
 
     from pipeline.data.tasks import encode_texts, pad_batch
 
-    ids, _ = encode_texts(tokenizer, texts, max_length_of(model, tokenizer))
-    batch = {k: torch.from_numpy(v).to(model.device) for k, v in pad_batch(ids, tokenizer.pad_token_id).items()}
+    ids, truncated = encode_texts(tokenizer, texts, max_length_of(model, tokenizer))
+    out = [{"text": t, "label": None, "score": None, "probs": None, "skipped": SKIPPED} for t in texts]
+    keep = kept(texts, ids)
+    if not keep:
+        return out, 0
+    batch = {k: torch.from_numpy(v).to(model.device)
+             for k, v in pad_batch([ids[i] for i in keep], tokenizer.pad_token_id).items()}
     with torch.no_grad():
         probs = model(**batch).logits.float().softmax(-1).cpu()
     names = [model.config.id2label[i] for i in range(probs.shape[-1])]
-    out = []
-    for text, p in zip(texts, probs.tolist()):
+    for i, p in zip(keep, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
-        out.append({"text": text, "label": names[best], "score": p[best], "probs": dict(zip(names, p))})
-    return out
+        out[i] = {"text": texts[i], "label": names[best], "score": p[best], "probs": dict(zip(names, p))}
+    return out, truncated
 
 
-def generate(model, tokenizer, prompts: list[str], args: Args) -> list[dict]:
+def prompt_room(model, tokenizer, args: Args) -> int:
+    """Prompt tokens that fit with --max-new-tokens in the model's maximum."""
+    return max(1, max_length_of(model, tokenizer) - args.max_new_tokens)
+
+
+def generate(model, tokenizer, prompts: list[str], args: Args) -> tuple[list[dict], int]:
+    """(one row per prompt, how many prompts were cut to prompt_room tokens)."""
     import torch
 
     from pipeline.data.tasks import pad_batch, prompt_ids, resolve_template
 
     template = resolve_template(tokenizer, args.template)
-    room = max(1, max_length_of(model, tokenizer) - args.max_new_tokens)
-    ids = [prompt_ids(tokenizer, p, template)[-room:] for p in prompts]  # keep the end of an over-long prompt
-    batch = {k: torch.from_numpy(v).to(model.device)
-             for k, v in pad_batch(ids, tokenizer.pad_token_id, left=True).items()}  # left: new tokens follow
+    room = prompt_room(model, tokenizer, args)
+    ids = [prompt_ids(tokenizer, p, template) for p in prompts]
+    out = [{"prompt": p, "generated": None, "skipped": SKIPPED} for p in prompts]
+    keep = kept(prompts, ids)
+    if not keep:
+        return out, 0
+    truncated = sum(len(ids[i]) > room for i in keep)
+    batch = {k: torch.from_numpy(v).to(model.device)  # keep the end of an over-long prompt; left: new tokens follow
+             for k, v in pad_batch([ids[i][-room:] for i in keep], tokenizer.pad_token_id, left=True).items()}
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 \
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [{"prompt": p, "generated": tokenizer.decode(n, skip_special_tokens=True)} for p, n in zip(prompts, new)]
+        generated = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, **sampling)
+    new = generated[:, batch["input_ids"].shape[1]:]
+    for i, n in zip(keep, new):
+        out[i] = {"prompt": prompts[i], "generated": tokenizer.decode(n, skip_special_tokens=True)}
+    return out, truncated
 
 
 def check_output_file(path: str) -> None:
@@ -162,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--batch-size and --max-new-tokens must be positive")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.input != "-" and not os.path.exists(args.input):
+    from pipeline.data.readers import dataset_split
+
+    if args.input != "-" and not os.path.exists(dataset_split(args.input)[0]):  # DIR:SPLIT of a DatasetDict folder
         raise FileNotFoundError(f"--input {args.input}: no such file")
     if args.output:
         check_output_file(args.output)
@@ -175,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     # further on) leaves no file that looks like the complete predictions.
     tmp = f"{args.output}.tmp" if args.output else None
     out = open(tmp, "w", encoding="utf-8") if tmp else sys.stdout
-    count = 0
+    count = skipped = truncated = 0
     try:
         for texts in batches(read_inputs(args.input, args.text_key), args.batch_size):
-            results = classify(model, tokenizer, texts) if kind == "classify" else generate(model, tokenizer, texts, args)
+            results, cut = (classify(model, tokenizer, texts) if kind == "classify"
+                            else generate(model, tokenizer, texts, args))
             for r in results:
                 out.write(json.dumps(r, ensure_ascii=False) + "\n")
             out.flush()
             count += len(results)
+            skipped += sum("skipped" in r for r in results)
+            truncated += cut
         if tmp:
             out.close()
             os.replace(tmp, args.output)
@@ -190,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         if tmp and os.path.exists(tmp):
             out.close()
             os.remove(tmp)
-    print(f"predict: {count} predictions ({kind})" + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
+    print(f"predict: {count - skipped} predictions ({kind})" + (f" -> {args.output}" if args.output else ""),
+          file=sys.stderr)
+    if skipped:
+        print(f"predict: {skipped} empty texts skipped (rows with \"skipped\": \"{SKIPPED}\")", file=sys.stderr)
+    if truncated:
+        limit = max_length_of(model, tokenizer) if kind == "classify" else prompt_room(model, tokenizer, args)
+        print(f"predict: {truncated} texts truncated to {limit} tokens", file=sys.stderr)
     return count
 
 

@@ -122,6 +122,61 @@ def test_unseen_label_names_file_line_label_and_known_labels(tmp_path, hf_tokeni
         tasks.check_known_labels(split, ["fruit", "mineral"], "t.jsonl")
 
 
+def test_unseen_labels_are_dropped_and_counted_on_request(tmp_path, hf_tokenizer):
+    _, tok = hf_tokenizer
+    path = write_jsonl(tmp_path / "valid.jsonl", [{"text": "a", "label": "fruit"}, {"text": "b", "label": "veg"},
+                                                  {"text": "c", "label": "veg"}, {"text": "d", "label": "nut"}])
+    split = tasks.read_classification(path, "text", "label", tok, max_length=16)
+    assert tasks.drop_unseen_labels(split, ["fruit", "mineral"]) == {"veg": 2, "nut": 1}
+    assert split.labels == ["fruit"] and split.where == [(path, 1)] and len(split.ids) == 1
+    assert split.dropped_unseen_label == 3
+
+
+def test_a_dataset_dict_is_read_one_split_at_a_time(tmp_path, hf_tokenizer):
+    import datasets
+
+    _, tok = hf_tokenizer
+    folder = str(tmp_path / "reviews")
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["an apple", "a pear", "iron"], "label": [1, 1, 0]}),
+        "test": datasets.Dataset.from_dict({"text": ["steel"], "label": [0]}),
+    }).save_to_disk(folder)
+    split = tasks.read_classification(f"{folder}:train", "text", "label", tok, max_length=16)
+    assert split.labels == ["1", "1", "0"] and split.where[2] == (f"{folder}:train", "row 3")
+    assert tasks.read_classification(f"{folder}:test", "text", "label", tok, max_length=16).labels == ["0"]
+    with pytest.raises(InputError, match=rf"^{folder}: a DatasetDict with the splits train, test; name one as "
+                                         rf"DIR:SPLIT \(e.g. {folder}:train\)"):
+        tasks.read_classification(folder, "text", "label", tok, max_length=16)  # never all splits mixed
+    with pytest.raises(InputError, match=r"no split 'valid' in this DatasetDict \(splits: train, test\)"):
+        tasks.read_classification(f"{folder}:valid", "text", "label", tok, max_length=16)
+    single = str(tmp_path / "single")
+    datasets.Dataset.from_dict({"text": ["a"], "label": [0]}).save_to_disk(single)
+    with pytest.raises(InputError, match="is a single Dataset, not a DatasetDict; drop ':train'"):
+        tasks.read_classification(f"{single}:train", "text", "label", tok, max_length=16)
+    colon = write_jsonl(tmp_path / "a:b.jsonl", [{"text": "a", "label": 0}])  # an existing name is never split
+    assert tasks.read_classification(colon, "text", "label", tok, max_length=16).labels == ["0"]
+
+
+def test_long_texts_do_not_trigger_the_indexing_errors_warning(hf_tokenizer):
+    import logging
+
+    _, tok = hf_tokenizer
+    tok = copy.deepcopy(tok)
+    tok.model_max_length = 8
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        ids, truncated = tasks.encode_texts(tok, ["iron " * 40, "apple"], max_length=8)
+        tasks.prompt_ids(tok, "iron " * 40, "plain")
+    finally:
+        logger.removeHandler(handler)
+    assert truncated == 1 and len(ids[0]) == 8
+    assert not [r for r in records if "Token indices sequence length" in r.getMessage()]
+
+
 def test_missing_key_names_file_and_line(tmp_path, hf_tokenizer):
     _, tok = hf_tokenizer
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "sentiment": "y"}])
@@ -209,6 +264,73 @@ def test_classification_report():
     assert r["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)  # over the classes present, as sklearn
     assert r["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 0.75, "f1": f1_a, "support": 4})
     assert r["confusion"] == confusion.tolist()
+    table = tasks.format_per_class(r, ["a", "b", "c"]).splitlines()
+    assert len(table) == 4 and table[1].split() == ["a", "1.000", "0.750", "0.857", "4", "|", "3", "1", "0"]
+
+
+class FakeClassifierEngine:
+    """Stands in for a DeepSpeed engine around a classifier that predicts label 0 for every text."""
+    device = torch.device("cpu")
+
+    def train_micro_batch_size_per_gpu(self):
+        return 2
+
+    def train_batch_size(self):
+        return 2
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def __call__(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=torch.tensor([[2.0, 0.0]]).repeat(len(input_ids), 1))
+
+
+def fake_classify_task(show=None):
+    from pipeline import finetune
+
+    splits = {name: tasks.ClassificationSplit(name, ids=[[5, 6], [7], [8, 9]], labels=["neg", "neg", "pos"])
+              for name in ("train", "valid")}
+    data = finetune.Data(SimpleNamespace(pad_id=0), None, 16, splits, label_names=["neg", "pos"])
+    return finetune.ClassifyTask(data, FakeClassifierEngine(), 0, 1, 1, None, show=show)
+
+
+def test_evaluation_during_training_has_per_class_precision_recall_and_prints_the_table():
+    shown = []
+    task = fake_classify_task(show=shown.append)
+    metrics = task.evaluate(FakeClassifierEngine(), "valid")
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert (metrics["precision_neg"], metrics["recall_neg"]) == pytest.approx((2 / 3, 1.0))
+    assert (metrics["precision_pos"], metrics["recall_pos"]) == (0.0, 0.0)  # the loop logs these as Eval/*
+    assert shown and shown[0].startswith("valid per class:") and "predicted:" in shown[0]
+    assert fake_classify_task().evaluate(FakeClassifierEngine(), "valid") == metrics  # compress: nothing printed
+
+
+def test_task_state_carries_the_adalora_rank_pattern():
+    class Updater:  # lora.AdaLoraUpdater's state interface
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def state(self):
+            return {"rank_pattern": self.pattern}
+
+        def load_state(self, state):
+            self.pattern = state["rank_pattern"]
+
+    task = fake_classify_task()
+    task.next_batch()
+    task.before_step = Updater({"layer.lora_E": [True, False]})
+    state = task.state()
+    assert state["adalora"] == {"rank_pattern": {"layer.lora_E": [True, False]}}
+    other = fake_classify_task()
+    other.before_step = Updater({"layer.lora_E": [True, True]})  # the final pattern, before loading the best one
+    other.load_state(state)
+    assert other.before_step.pattern == {"layer.lora_E": [True, False]} and other.state() == state
+    plain = fake_classify_task()
+    plain.load_state({k: v for k, v in state.items() if k != "adalora"})  # a checkpoint without AdaLoRA
+    assert "adalora" not in plain.state()
 
 
 # ---------------------------------------------------------------- unit: the loop's best checkpoint and early stop
@@ -369,7 +491,8 @@ def test_classifier_learns_the_toy_task_on_two_ranks(classify_run):
     assert set(s["valid_per_class"]["fruit"]) == {"precision", "recall", "f1", "support"}
     assert s["best_value"] == pytest.approx(s["valid_macro_f1"])  # RUN/hf holds the best checkpoint's weights
     assert json.load(open(classify_run / "checkpoints" / "best"))["step"] == s["best_step"]
-    for tag in ("Eval/accuracy", "Eval/macro_f1", "Eval/loss"):
+    assert s["dropped_unseen_label"] == {"train": 0, "valid": 0, "test": 0}
+    for tag in ("Eval/accuracy", "Eval/macro_f1", "Eval/loss", "Eval/precision_fruit", "Eval/recall_mineral"):
         assert sorted(scalars(classify_run, tag)) == [8, 16, 24]
 
 
@@ -456,6 +579,11 @@ def test_sft_with_adalora_and_packing_then_generate(llama_init, tmp_path):
     assert curve[-1] < curve[0] and s["eval_ppl"] == pytest.approx(np.exp(s["eval_loss"]))
     config = json.load(open(run / "adapter" / "adapter_config.json"))
     assert config["peft_type"] == "ADALORA" and config["rank_pattern"]  # the budget was allocated
+    # The best checkpoint carries its own rank pattern, and that is the one exported.
+    best = json.load(open(run / "checkpoints" / "best"))
+    state = torch.load(run / "checkpoints" / best["tag"] / "mp_rank_00_model_states.pt", weights_only=False)
+    stored = state["data"]["adalora"]["rank_pattern"]  # peft drops the adapter name from the keys when saving
+    assert {k.replace(".default", ""): v for k, v in stored.items()} == config["rank_pattern"]
     assert AutoModelForCausalLM.from_pretrained(run / "hf").config.model_type == "llama"
     out = tmp_path / "generated.jsonl"
     write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Repeat: apple stone river\n"}, {"text": "Repeat: cloud\n"}])
@@ -487,6 +615,61 @@ def test_unseen_label_is_an_error_before_anything_starts(toy, llama_init, tmp_pa
     assert (f"{valid}:3: label 'vegetable' does not occur in the training data {toy['train']}; "
             "known labels: 'fruit', 'mineral'") in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_predict_skips_empty_texts_and_counts_truncated_ones(llama_init, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import predict
+
+    classifier = tmp_path / "classifier"
+    AutoModelForSequenceClassification.from_pretrained(llama_init, num_labels=2, id2label={0: "no", 1: "yes"},
+                                                       pad_token_id=0).save_pretrained(classifier)
+    AutoTokenizer.from_pretrained(llama_init).save_pretrained(classifier)
+    texts = ["", "an apple", "   ", "iron " * 200, "a pear"]  # the model takes 128 positions
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "out.jsonl"
+    assert predict.main(["--model", str(classifier), "--input", inputs, "--output", str(out), "--batch-size", "3",
+                         "--device", "cpu"]) == 5
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["text"] for r in rows] == texts  # every input has its row, in order
+    for i in (0, 2):
+        assert rows[i] == {"text": texts[i], "label": None, "score": None, "probs": None, "skipped": "empty text"}
+    assert all(r["label"] in ("no", "yes") and "skipped" not in r for r in (rows[1], rows[3], rows[4]))
+    err = capsys.readouterr().err
+    assert "predict: 3 predictions (classify)" in err and "predict: 2 empty texts skipped" in err
+    assert "predict: 1 texts truncated to 128 tokens" in err
+    # A batch of nothing but empty texts never reaches the model; a causal LM skips them the same way.
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"text": t} for t in ["", "  ", "apple " * 200, "pear"]])
+    assert predict.main(["--model", llama_init, "--input", prompts, "--output", str(out), "--batch-size", "2",
+                         "--max-new-tokens", "2", "--device", "cpu"]) == 4
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["generated"] is None and r["skipped"] == "empty text" for r in rows[:2]] == [True, True]
+    assert all(isinstance(r["generated"], str) and "skipped" not in r for r in rows[2:])
+    err = capsys.readouterr().err
+    assert "predict: 2 empty texts skipped" in err and "predict: 1 texts truncated to 126 tokens" in err
+
+
+def test_dry_run_reads_dataset_dict_splits_and_drops_unseen_labels(toy, llama_init, tmp_path, capsys):
+    import datasets
+
+    from pipeline import finetune
+
+    records = {split: [json.loads(line) for line in open(toy[split])] for split in ("train", "valid")}
+    records["valid"].append({"text": "a carrot", "label": "vegetable"})
+    folder = str(tmp_path / "toy")
+    datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in records.items()}).save_to_disk(folder)
+    base = ["--train", f"{folder}:train", "--valid", f"{folder}:valid", "--init", llama_init, "--deepspeed_config",
+            os.path.join(REPO, "ds_configs", "zero0.json"), "--output", str(tmp_path / "dry"), "--dry-run"]
+    with pytest.raises(InputError, match="label 'vegetable' does not occur in the training data"):
+        finetune.main(base)
+    assert finetune.main([*base, "--unseen-labels", "drop"]) == {}
+    captured = capsys.readouterr()
+    assert f"train: 200 examples from {folder}:train" in captured.out and "valid: 60 examples" in captured.out
+    assert (f"{folder}:valid: 1 examples dropped (--unseen-labels drop): their labels do not occur in the "
+            "training data ('vegetable': 1)") in captured.err
+    with pytest.raises(ValueError, match="applies to --task classify only"):
+        finetune.main([*base, "--task", "sft", "--unseen-labels", "drop"])
 
 
 def test_dry_run_and_argument_errors(toy, llama_init, tmp_path, capsys):

@@ -15,6 +15,8 @@ Rules (the README's finetune section says the same to users):
   and truncated to `max_length` tokens; truncated texts are counted.
 - Empty texts (nothing but whitespace) are dropped and counted, not an error: a scraped corpus has some,
   and a model cannot learn from them. A missing or empty label is an error naming the file and line.
+- A file is jsonl, csv/tsv, parquet or a `save_to_disk` folder; `DIR:SPLIT` names one split of a
+  DatasetDict folder (`data/reviews:train`), and a DatasetDict without one is an error.
 - Labels are strings or integers; each is kept by its text, so 1 and "1" are the same label. The label
   ids follow the sorted label names (numerically when every name is an integer, so integer labels
   0..K-1 keep their values as ids).
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.data.readers import InputError, read_records
+from pipeline.data.readers import InputError, dataset_split, read_records
 
 TEMPLATES = ("auto", "plain", "chat")
 
@@ -79,6 +81,12 @@ def label_order(names: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------- classification data
 
+def records(path: str, keys: list[str], hint: str):
+    """The records of one file (pipeline.data.readers.read_records), or of one split of a DatasetDict folder
+    named as `DIR:SPLIT`."""
+    return read_records(path, keys, fmt="hf" if dataset_split(path)[1] else "auto", hint=hint)
+
+
 @dataclass
 class ClassificationSplit:
     path: str
@@ -87,6 +95,7 @@ class ClassificationSplit:
     where: list[tuple[str, int | str]] = field(default_factory=list)  # (file, line) per example
     truncated: int = 0                                       # examples cut to max_length
     dropped_empty: int = 0                                   # empty texts left out
+    dropped_unseen_label: int = 0                            # valid/test: labels not in train left out
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -97,7 +106,7 @@ def read_classification(path: str, text_key: str, label_key: str, tok, max_lengt
     hint = "choose the fields with --text-key and --label-key"
     split = ClassificationSplit(path)
     texts = []
-    for record in read_records(path, [text_key, label_key], hint=hint):
+    for record in records(path, [text_key, label_key], hint):
         where = (record.source, record.line)
         text = record.values[text_key]
         if not isinstance(text, str):
@@ -123,11 +132,26 @@ def check_known_labels(split: ClassificationSplit, known: Sequence[str], train_p
                                          f"known labels: {', '.join(repr(k) for k in known)}")
 
 
+def drop_unseen_labels(split: ClassificationSplit, known: Sequence[str]) -> Counter:
+    """Leave out the examples whose label is not in `known` (counted in split.dropped_unseen_label);
+    returns how many were dropped per label."""
+    known_set = set(known)
+    keep = [i for i, name in enumerate(split.labels) if name in known_set]
+    dropped = Counter(name for name in split.labels if name not in known_set)
+    split.ids = [split.ids[i] for i in keep]
+    split.labels = [split.labels[i] for i in keep]
+    split.where = [split.where[i] for i in keep]
+    split.dropped_unseen_label += sum(dropped.values())
+    return dropped
+
+
 def encode_texts(tok, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
     """Token ids of each text with the tokenizer's special tokens, cut to max_length; (ids, number cut)."""
     if not texts:
         return [], 0
-    ids = tok(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    # verbose=False: transformers would warn that sequences over model_max_length "will result in indexing
+    # errors"; they are cut right below, and counted.
+    ids = tok(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
     if long:
         # Truncating through the tokenizer keeps its closing special token ([SEP]) where it has one.
@@ -167,8 +191,8 @@ def prompt_ids(tok, prompt: str, template: str) -> list[int]:
     if template == "chat":
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(prompt, add_special_tokens=True)["input_ids"]
+        return tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # the callers cut (see encode_texts)
+    return tok(prompt, add_special_tokens=True, verbose=False)["input_ids"]
 
 
 def response_ids(tok, prompt: str, response: str, template: str) -> list[int]:
@@ -178,9 +202,9 @@ def response_ids(tok, prompt: str, response: str, template: str) -> list[int]:
         head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         tail = full[len(head):] if full.startswith(head) else response
-        return tok(tail, add_special_tokens=False)["input_ids"]
+        return tok(tail, add_special_tokens=False, verbose=False)["input_ids"]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return tok(response, add_special_tokens=False)["input_ids"] + eos
+    return tok(response, add_special_tokens=False, verbose=False)["input_ids"] + eos
 
 
 @dataclass
@@ -207,7 +231,7 @@ def sft_example(p_ids: list[int], r_ids: list[int], max_length: int) -> tuple[li
 def read_sft(path: str, prompt_key: str, response_key: str, tok, template: str, max_length: int) -> SFTSplit:
     split = SFTSplit(path)
     hint = "choose the fields with --prompt-key and --response-key"
-    for record in read_records(path, [prompt_key, response_key], hint=hint):
+    for record in records(path, [prompt_key, response_key], hint):
         prompt, response = record.values[prompt_key], record.values[response_key]
         for key, value in ((prompt_key, prompt), (response_key, response)):
             if not isinstance(value, str):
@@ -313,4 +337,18 @@ def format_report(report: dict, names: Sequence[str]) -> str:
     lines.append("confusion (rows: true, columns: predicted): " + " ".join(f"{n}" for n in names))
     for name, row in zip(names, report["confusion"]):
         lines.append(f"  {name:<{width}} " + " ".join(f"{v:6d}" for v in row))
+    return "\n".join(lines)
+
+
+def format_per_class(report: dict, names: Sequence[str]) -> str:
+    """The compact form for the evaluations during training: one line per class with precision, recall, F1,
+    support and its row of the confusion matrix (true label per line, predicted per column)."""
+    width = max(5, *(len(n) for n in names))
+    cells = [max(4, len(n)) for n in names]
+    lines = [f"  {'label':<{width}}  prec   rec    f1 support | predicted: "
+             + " ".join(f"{n:>{w}}" for n, w in zip(names, cells))]
+    for name, row in zip(names, report["confusion"]):
+        c = report["per_class"][name]
+        lines.append(f"  {name:<{width}} {c['precision']:5.3f} {c['recall']:5.3f} {c['f1']:5.3f} {c['support']:7d} | "
+                     f"{'':11}" + " ".join(f"{v:>{w}d}" for v, w in zip(row, cells)))
     return "\n".join(lines)
