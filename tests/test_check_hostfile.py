@@ -31,3 +31,15 @@ def test_shipped_hostfiles_parse():
     for name in os.listdir(os.path.join(REPO, "hostfiles")):
         hosts, problems = check_hostfile.parse_hostfile(os.path.join(REPO, "hostfiles", name))
         assert hosts and not problems, name
+
+
+def test_user_at_host_is_accepted_as_deepspeed_and_pdsh_do(tmp_path, capsys):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("alice@node-a slots=2\nbob@10.0.0.2 slots=2\n-x@node-c slots=1\nalice@-oProxyCommand=x slots=1\n")
+    hosts, problems = check_hostfile.parse_hostfile(str(hostfile))
+    assert list(hosts) == ["alice@node-a", "bob@10.0.0.2"]
+    assert [p.split(":")[1] for p in problems] == ["3", "4"]  # a leading - (an ssh option) on either side is not
+    hostfile.write_text("alice@node-a slots=2\nbob@10.0.0.2 slots=2\n")
+    assert check_hostfile.main([str(hostfile)]) == 0
+    out = capsys.readouterr().out
+    assert "--master_addr node-a" in out and "alice@node-a" in out  # the address without the user

@@ -5,9 +5,11 @@
 
 Parses exactly as `deepspeed` does (`HOST slots=N` per line, `#` comments and blank lines ignored; a
 host listed twice is an error) but reports every bad line with its number at once. A host name must
-look like one (letters, digits, `.`, `-`, `_`, `:` and `[]%` for IPv6, not starting with `-`): deepspeed
-hands it to pdsh and ssh, so a name with shell metacharacters, or one that ssh would read as an
-option, is an error here. `--check-ssh`
+look like one (letters, digits, `.`, `-`, `_`, `:` and `[]%` for IPv6, `user@` before it as pdsh and ssh
+take it, not starting with `-`): deepspeed hands it to pdsh and ssh, so a name with shell metacharacters,
+or one that ssh would read as an option, is an error here. `slots=0` is refused on purpose, stricter than
+deepspeed (which accepts it and starts no rank there): a node listed with nothing to run is a typo or a
+line to delete. `--check-ssh`
 tries password-less ssh to each host (BatchMode, with a timeout) and checks that pdsh is installed,
 which the default multi-node launch needs. Everything after `--` is the script and its arguments for
 the printed commands; each value is shell-quoted.
@@ -23,7 +25,7 @@ import sys
 from collections import OrderedDict
 
 LINE = re.compile(r"^(\S+)\s+slots=(\d+)")  # deepspeed.launcher.runner._parse_hostfile's pattern
-HOSTNAME = re.compile(r"^[A-Za-z0-9_.:\[\]%][A-Za-z0-9_.:\[\]%-]*$")  # DNS names, IPv4 and IPv6 addresses
+HOSTNAME = re.compile(r"^([A-Za-z0-9_.][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.:\[\]%][A-Za-z0-9_.:\[\]%-]*$")  # [user@]DNS name/IPv4/IPv6
 
 
 def parse_hostfile(path: str) -> tuple[OrderedDict, list[str]]:
@@ -42,14 +44,14 @@ def parse_hostfile(path: str) -> tuple[OrderedDict, list[str]]:
                 continue
             host, slots = match.group(1), int(match.group(2))
             if not HOSTNAME.match(host):
-                problems.append(f"{path}:{number}: {host!r} is not a host name (expected letters, digits and . - _ : "
-                                "[ ] %, not starting with -)")
+                problems.append(f"{path}:{number}: {host!r} is not a host name (expected [user@]host of letters, digits "
+                                "and . - _ : [ ] %, not starting with -)")
                 continue
             if host in first_seen:
                 problems.append(f"{path}:{number}: host {host!r} again (first on line {first_seen[host]}); "
                                 "deepspeed refuses duplicate hosts")
                 continue
-            if slots == 0:
+            if slots == 0:  # deepspeed accepts it (no rank there); refused here on purpose: a typo or a dead line
                 problems.append(f"{path}:{number}: host {host!r} has slots=0; give it at least one or remove the line")
             first_seen[host] = number
             hosts[host] = slots
@@ -75,7 +77,7 @@ def launch_commands(hostfile: str, hosts: OrderedDict, script: list[str], master
                     ssh_port: int | None) -> tuple[str, list[str]]:
     """(the default pdsh/ssh command run on the first node, one --no_ssh command per node), each a shell
     command line in which every value (hostfile path, host, script arguments) is quoted with shlex."""
-    master = next(iter(hosts))
+    master = next(iter(hosts)).split("@")[-1]  # user@node1: the address is node1
     ssh = ["--ssh_port", str(ssh_port)] if ssh_port else []
     default = shlex.join(["deepspeed", "--hostfile", hostfile, *ssh, "--master_addr", master,
                           "--master_port", str(master_port), *script])
