@@ -317,13 +317,14 @@ def run(args: Args, ds_config: dict, warnings: list[str], inputs: Inputs, studen
 
     from pipeline import config as dsconf
     from pipeline.compression import CompressionTask, clean, load_compressed, save_compressed, weight_bytes
-    from pipeline.distributed import barrier, setup, teardown
+    from pipeline.distributed import barrier, return_freed_memory_under_zero3, setup, teardown
     from pipeline.export import save_hf
     from pipeline.monitor import Monitor, peak_flops, training_flops_per_token, write_json
     from pipeline.pretrain import param_groups
     from pipeline.training import LoopSettings, resume, train
 
     dist = setup()
+    return_freed_memory_under_zero3(ds_config)
     finished = False
     compression = compressor.config
     try:

@@ -6,6 +6,7 @@ process none is set, and `setup()` fills a one-rank world so the same code path 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
 import warnings
@@ -165,6 +166,31 @@ def release_shm_buffer(rank: int) -> None:
         os.unlink(shm_buffer_path(rank))
     except (FileNotFoundError, PermissionError):
         pass
+
+
+MMAP_THRESHOLD = 128 << 10  # bytes: blocks at least this large get their own mapping, unmapped when freed
+
+
+def return_freed_memory_under_zero3(ds_config: dict) -> None:
+    """Under ZeRO-3 on a CPU, have glibc give large freed blocks back to the system at once.
+
+    ZeRO-3 gathers every layer's parameters before its forward and backward and frees them after, and
+    reduces gradients through short-lived buckets. With glibc's default (a mapping threshold that grows to
+    32 MB once such a block is freed) those blocks land in the heap, where the freed space stays resident:
+    measured on llama-350m, 2 ranks, the resident set sat ~1.3 GB above the live tensors after the first
+    step. With a fixed 128 KB threshold each such block is its own mapping, unmapped when freed, and the
+    peak follows the live tensors. Stages 0-2 allocate their buffers once and keep them, and their steps
+    slow down from the extra page faults, so they keep the default. A no-op on GPUs and off glibc."""
+    from pipeline.config import zero_stage_of
+
+    if zero_stage_of(ds_config) != 3 or detect_accelerator() != "cpu":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixing it also stops glibc raising it)
+        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: return free space at the top of the heap too
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator, its policy
 
 
 def teardown(success: bool = True) -> None:

@@ -275,13 +275,14 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
     import torch
 
     from pipeline import config as dsconf
-    from pipeline.distributed import setup, teardown
+    from pipeline.distributed import return_freed_memory_under_zero3, setup, teardown
     from pipeline.export import export_hf
     from pipeline.models import build_model
     from pipeline.monitor import Monitor, peak_flops, training_flops_per_token, write_json
     from pipeline.training import LoopSettings, resume, resume_config, train
 
     dist = setup()
+    return_freed_memory_under_zero3(ds_config)
     finished = False
     try:
         if dist.is_main:
