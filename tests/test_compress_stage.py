@@ -13,10 +13,11 @@ STEPS = 12
 
 
 def compression_config(name, tmp_path, fp32=True, **compression):
-    """A shipped compression config with a learning rate for a tiny model on a dozen steps, optionally in
+    """A shipped compression config with a learning rate and schedule for a tiny model on a dozen steps, optionally in
     fp32 (bf16 matmuls are slow on CPUs without bf16 units), with compression keys overridden."""
     ds = json.load(open(os.path.join(REPO, "ds_configs", "compression", name)))
     ds["optimizer"]["params"]["lr"] = 3e-3
+    ds["scheduler"]["params"].update(total_num_steps="auto", warmup_num_steps="auto")  # the schedule spans the run
     if fp32:
         ds["bf16"] = {"enabled": False}
     for method, value in compression.items():
