@@ -397,9 +397,15 @@ def memory(bench: Bench, args, data: str) -> dict:
     rows = {}
     for name in args.memory_configs:
         out = os.path.join(bench.work, f"memory_{name}")
+        # The shipped JSON, with a micro batch of --memory-micro-batch: activations small beside the model states.
+        with open(os.path.join(REPO, "ds_configs", f"{name}.json")) as f:
+            ds = json.load(f)
+        ds["train_micro_batch_size_per_gpu"] = args.memory_micro_batch
+        config = os.path.join(bench.work, f"memory_{name}.json")
+        with open(config, "w") as f:
+            json.dump(ds, f, indent=2)
         cmd = bench.launcher(args.ranks, "pipeline/pretrain.py",
-                             pretrain_args(data, args.memory_model, os.path.join(REPO, "ds_configs", f"{name}.json"),
-                                           out, args.memory_seq_length, 3, 3))
+                             pretrain_args(data, args.memory_model, config, out, args.memory_seq_length, 3, 3))
         done = bench.execute(cmd, f"memory_{name}", memory_of="pipeline/pretrain.py")
         rows[name] = {"peak_gb_per_rank": [round(done["peak_gb"][r], 3) for r in sorted(done["peak_gb"])],
                       "seconds": done["seconds"]}
@@ -409,6 +415,7 @@ def memory(bench: Bench, args, data: str) -> dict:
     for row in rows.values():
         row["vs_zero0"] = max(row["peak_gb_per_rank"]) / base if base else None
     return {"model": args.memory_model, "parameters": params, "seq_length": args.memory_seq_length,
+            "micro_batch": args.memory_micro_batch,
             "ranks": args.ranks, "configs": rows, "load": load_range(bench.loads[loads:])}
 
 
@@ -474,12 +481,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"threads of every process, one-process runs too (default: cores / ranks, {cores} cores here)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default: 3; --quick: 1)")
     p.add_argument("--memory-model", default=None,
-                   help="preset for the memory section (default: llama-125m, ~86M parameters at the 2000-token "
+                   help="preset for the memory section (default: llama-350m, ~285M parameters at the 2000-token "
                         "vocabulary; --quick: llama-20m)")
     p.add_argument("--memory-configs", default=None,
                    help=f"comma-separated ds_configs/ names (default: {','.join(MEMORY_CONFIGS)}; --quick: zero0,zero3)")
     p.add_argument("--memory-seq-length", type=int, default=64,
                    help="sequence length in the memory runs: short, so that activations stay small (default: 64)")
+    p.add_argument("--memory-micro-batch", type=int, default=1,
+                   help="micro batch per rank in the memory runs, in place of the JSON's (default: 1)")
     p.add_argument("--launch-rounds", type=int, default=None, help="launch-time rounds (default: 2; --quick: 1)")
     p.add_argument("--prepare-mb", type=float, default=None, help="corpus size for the prepare section (default: 20; "
                    "--quick: 2)")
@@ -495,7 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"precisions": ("bf16", "bf16,fp32"), "steps": (4, 10), "rounds": (1, 3),
-                "memory_model": ("llama-20m", "llama-125m"), "memory_configs": ("zero0,zero3", ",".join(MEMORY_CONFIGS)),
+                "memory_model": ("llama-20m", "llama-350m"), "memory_configs": ("zero0,zero3", ",".join(MEMORY_CONFIGS)),
                 "launch_rounds": (1, 2), "prepare_mb": (2, 20), "prepare_rounds": (1, 2),
                 "report": (None, os.path.join(REPO, "docs", "BENCHMARKS.md"))}
     for key, (fast, full) in defaults.items():
@@ -635,14 +644,18 @@ CAVEATS = """\
 - Memory is the peak resident set (VmHWM) of each rank process: imports and the allocator's cached memory
   are included, and the model is built in fp32 on every rank before DeepSpeed partitions it. On a CPU,
   "offload" moves nothing off the device: it only changes where the optimizer step runs.
-- ZeRO-3 misses its memory target on this CPU at this size. Traced per phase on rank 0 (llama-125m, 2 ranks):
-  imports ~0.4 GB, the fp32 model built on the rank +0.35 GB, ZeRO-3 states after `deepspeed.initialize`
-  ~1.0 GB in all (the partitioning works: ZeRO-0 is at 2.1 GB there), but the first backward and optimizer
-  step add transients of ~0.3 and ~0.5 GB above what stays, and the resident set then grows by ~0.1-0.2 GB a
-  step for two steps (freed blocks kept by glibc malloc; `MALLOC_MMAP_THRESHOLD_=1048576` took ~0.2 GB off
-  the peak). Smaller ZeRO-3 buckets (reduce/prefetch 2e7, max live 3e7, sub-group 2e7) moved the peak by
-  ~0.1 GB only. Model states would have to be several times the ~0.75 GB fixed part for the ratio to fall
-  near the ZeRO arithmetic.
+- ZeRO-3 on a CPU, traced per phase on rank 0 (llama-350m, 2 ranks): after a step the live tensors are what the
+  ZeRO arithmetic says (~2.3 GB: the bf16 parameter shard, fp32 master, Adam moments and gradient shard), yet
+  with DeepSpeed's default buckets and glibc's default allocator the resident peak was 6.6 GB, above ZeRO-0.
+  Two causes, both fixed: DeepSpeed's defaults (a 5e8-element reduce bucket, and one 1e9-element optimizer
+  sub-group whose gradient buffer DeepSpeed sizes by the unpartitioned parameter count, the whole model in
+  fp32) cost ~1.3 GB: the shipped zero3 JSONs set reduce/prefetch buckets of 5e7, 1e8 live parameters and
+  2e7-element sub-groups. And ZeRO-3 gathers and frees every layer's parameters each step, whose freed blocks
+  glibc kept resident (~1.3 GB): under ZeRO-3 on a CPU the stages fix glibc's mmap threshold at 128 KB
+  (`pipeline.distributed.return_freed_memory_under_zero3`), so freed blocks go back to the system.
+  Building the model directly partitioned (`deepspeed.zero.Init`) would also avoid the fp32 model every rank
+  builds first (4 bytes a parameter), but that happens before the optimizer states exist and stays below the
+  step's peak; the models are built as in the other stages, so a seed gives the same initial weights in all.
 """
 
 
@@ -683,13 +696,17 @@ def write_report(path: str, r: dict) -> None:
         mem = r["memory"]
         lines += ["## Peak memory per rank", "",
                   f"`{mem['model']}` ({mem['parameters'] / 1e6:.1f} M parameters), sequence {mem['seq_length']}, "
-                  f"{mem['ranks']} ranks, 3 steps, the bf16 JSONs of `ds_configs/` as shipped; load average "
+                  f"{mem['ranks']} ranks, 3 steps, the bf16 JSONs of `ds_configs/` as shipped but for a micro batch of "
+                  f"{mem.get('micro_batch', 4)}; load average "
                   f"{mem['load'][0]}-{mem['load'][1]}.", "",
                   "| config | peak GB per rank | max / ZeRO-0 |", "|---|---|---|"]
         for name, row in mem["configs"].items():
             ratio = f"{row['vs_zero0']:.2f}" if row["vs_zero0"] is not None else "n/a"
             lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in row['peak_gb_per_rank'])} | {ratio} |")
         lines += ["", "Target: ZeRO-3 <= 0.60 x ZeRO-0.", ""]
+        if mem.get("commands"):  # a section measured again later, by other commands than the report's
+            lines += ["This section was measured separately, by " + " and ".join(f"`{c}`" for c in mem["commands"])
+                      + f" ({mem['started']}).", ""]
     if "launch" in r:
         la = r["launch"]
         lines += ["## Launch to first step", "",
