@@ -512,7 +512,9 @@ def train(engine, task: Task, settings: LoopSettings, monitor: Monitor, start_st
             if is_eval:
                 metrics = task.evaluate(engine, "valid")
                 monitor.scalars(step, {f"Eval/{k}": v for k, v in metrics.items()})
-                monitor.print(f"step {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                # Per-class figures go to TensorBoard and the task's own table, not onto this one line.
+                headline = {k: v for k, v in metrics.items() if not k.startswith(("precision_", "recall_"))}
+                monitor.print(f"step {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in headline.items()))
                 if tracker is not None:
                     if tracker.update(step, metrics):
                         is_save, best = True, {"metric": settings.best_metric, "value": tracker.value}
