@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -73,3 +75,50 @@ def scalars(run_dir, tag: str) -> dict[int, float]:
     acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+# ---------------------------------------------------------------- a fake engine for unit tests of the shared loop
+
+class FakeEngine:
+    """What the loop uses of a DeepSpeedEngine; a checkpoint's client state is a JSON file in its folder."""
+
+    device = torch.device("cpu")
+    global_rank, world_size = 0, 1
+    module = torch.nn.Linear(2, 2)
+
+    def __init__(self):
+        self.monitor = SimpleNamespace(enabled=False)
+        self.steps = 0
+
+    def bfloat16_enabled(self):
+        return False
+
+    def fp16_enabled(self):
+        return False
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def gradient_accumulation_steps(self):
+        return 1
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+    def get_lr(self):
+        return [0.1]
+
+    def get_global_grad_norm(self):
+        return 0.5
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        os.makedirs(os.path.join(directory, tag))
+        with open(os.path.join(directory, tag, "client_state.json"), "w") as f:
+            json.dump(client_state, f)
+
+    def load_checkpoint(self, directory, tag):
+        with open(os.path.join(directory, tag, "client_state.json")) as f:
+            return os.path.join(directory, tag), json.load(f)

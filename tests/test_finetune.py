@@ -15,7 +15,7 @@ import torch
 
 from pipeline.data import tasks
 from pipeline.data.readers import InputError
-from tests.conftest import REPO, run_stage, scalars
+from tests.conftest import REPO, FakeEngine, run_stage, scalars
 
 STEPS = 24
 FRUIT = "apple pear plum cherry grape melon lemon peach".split()
@@ -334,42 +334,6 @@ def test_task_state_carries_the_adalora_rank_pattern():
 
 
 # ---------------------------------------------------------------- unit: the loop's best checkpoint and early stop
-
-class FakeEngine:
-    device = torch.device("cpu")
-    global_rank = 0
-    module = torch.nn.Linear(2, 2)
-
-    def __init__(self):
-        self.monitor = SimpleNamespace(enabled=False)
-
-    def bfloat16_enabled(self):
-        return False
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def gradient_accumulation_steps(self):
-        return 1
-
-    def backward(self, loss):
-        pass
-
-    def step(self):
-        pass
-
-    def get_lr(self):
-        return [0.1]
-
-    def get_global_grad_norm(self):
-        return 1.0
-
-    def fp16_enabled(self):
-        return False
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        os.makedirs(os.path.join(directory, tag))
-
 
 class ScriptedTask:
     tokens_per_step = 1

@@ -3,58 +3,13 @@ grad_norm, tokens_per_sec) when it trains few steps, resumes, has nothing left t
 between log steps. Unit tests: no process group, no DeepSpeed engine."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipeline.monitor import Monitor
 from pipeline.training import LoopSettings, resume, train
-
-
-class FakeEngine:
-    """What the loop uses of a DeepSpeedEngine; a checkpoint's client state is a JSON file in its folder."""
-
-    device = torch.device("cpu")
-    global_rank, world_size = 0, 1
-    module = torch.nn.Linear(2, 2)
-
-    def __init__(self):
-        self.monitor = SimpleNamespace(enabled=False)
-        self.steps = 0
-
-    def bfloat16_enabled(self):
-        return False
-
-    def fp16_enabled(self):
-        return False
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def gradient_accumulation_steps(self):
-        return 1
-
-    def backward(self, loss):
-        pass
-
-    def step(self):
-        self.steps += 1
-
-    def get_lr(self):
-        return [0.1]
-
-    def get_global_grad_norm(self):
-        return 0.5
-
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        os.makedirs(os.path.join(directory, tag))
-        with open(os.path.join(directory, tag, "client_state.json"), "w") as f:
-            json.dump(client_state, f)
-
-    def load_checkpoint(self, directory, tag):
-        with open(os.path.join(directory, tag, "client_state.json")) as f:
-            return os.path.join(directory, tag), json.load(f)
+from tests.conftest import FakeEngine
 
 
 class CountingTask:
