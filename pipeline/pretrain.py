@@ -61,6 +61,13 @@ class Args:
     eval_batches: int = arg(20, help="micro-batches per rank in each validation run")
     save_interval: int = arg(100, help="optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = arg(2, help="how many most recent checkpoints to keep")
+    compile: bool = arg(False, help="compile the model with torch.compile (DeepSpeed's engine.compile) before the first "
+                                    "step: element-wise work and precision casts fused into fewer kernels (bf16 "
+                                    "gains most); the first step and the first evaluation wait for the compile, "
+                                    "a minute or more")
+    compile_backend: str = arg("inductor", help="torch.compile backend for --compile: inductor (generates kernels), "
+                                                "aot_eager or eager (no code generation: to find graph breaks)",
+                               choices=["inductor", "aot_eager", "eager"])
     dry_run: bool = arg(False, help="resolve the config, build the model on CPU, print parameters, batch arithmetic "
                                     "and the final DeepSpeed JSON, then exit without training")
 
@@ -256,12 +263,18 @@ def main(argv: list[str] | None = None) -> dict:
                                                    train_steps=args.train_steps, output_dir=args.output,
                                                    accelerator=accelerator, source=args.deepspeed_config)
     if dsconf.pipeline_stages_of(ds_config) > 1:
+        if args.compile:
+            raise ValueError(f"--compile does not apply to a pipelined model ({args.deepspeed_config} has a pipeline "
+                             "block with stages > 1): DeepSpeed's pipeline engine runs each stage's layers itself")
         from pipeline.models.pipe import check_pipeline
 
         check_pipeline(model_config, args.objective, ds_config)
         if "activation_checkpointing" in ds_config and not ds_config["pipeline"].get("activation_checkpoint_interval"):
             warnings.append("the 'activation_checkpointing' block does not apply to a pipelined model; set "
                             "pipeline.activation_checkpoint_interval (layers per checkpointed chunk) instead")
+    if args.compile and dsconf.zero_stage_of(ds_config) == 3:
+        warnings.append("--compile with ZeRO-3: DeepSpeed's parameter gathering breaks the compiled graph at every "
+                        "layer, so steps gain little or lose; ZeRO-1/2 compile the model as one graph")
     if args.dry_run:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -305,6 +318,11 @@ def run(args: Args, ds_config: dict, warnings: list[str], tokenizer, special: di
                     print("activation checkpointing: on (every decoder layer recomputed in backward)", flush=True)
         ds_config = resume_config(ds_config, os.path.join(args.output, "checkpoints"))
         engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=param_groups(trained), config=ds_config)
+        if args.compile:
+            # In place (module.compile): checkpoints and the HF export keep the model's own parameter names.
+            engine.compile(backend=args.compile_backend)
+            if dist.is_main:
+                print(f"torch.compile: on ({args.compile_backend}); the first step waits for the compile", flush=True)
         dp_rank, dp_size = ((engine.grid.data_parallel_id, engine.grid.data_parallel_size) if pipelined
                             else (dist.rank, dist.world_size))
         task = PretrainTask(args, tokenizer, engine, dp_rank=dp_rank, dp_size=dp_size)
