@@ -85,7 +85,8 @@ def test_time_gemms_counts_every_gemm_once_per_occurrence():
 def test_run_kernels():
     assert set(benchmark.run_kernels("fp32", native_bf16=False).values()) == {"fp32"}
     emulated = benchmark.run_kernels("bf16", native_bf16=False)
-    assert emulated["ours"] == emulated["ours_1p"] == "bf16-via-fp32"  # pipeline/models/cpu_bf16.py
+    assert emulated["ours"] == emulated["ours_compile"] == emulated["ours_1p"] == "bf16-via-fp32"  # cpu_bf16.py
+    assert set(emulated) == set(benchmark.RUNS)
     assert emulated["hf_trainer"] == emulated["torch_1p"] == "bf16"
     assert set(benchmark.run_kernels("bf16", native_bf16=True).values()) == {"bf16"}
 
@@ -107,3 +108,25 @@ def test_fp32_variant_disables_half_precision(tmp_path):
     fp32 = json.load(open(paths["fp32"]))
     assert fp32["bf16"] == {"enabled": False} and "fp16" not in fp32
     assert fp32["zero_optimization"]["stage"] == 2
+
+
+def report_results(**sections):
+    machine = {"cpu": "test CPU", "cores": 2, "simd": ["avx2"], "native_bf16": False, "memory_gb": 1.0, "torch": "t",
+               "deepspeed": "d", "transformers": "x", "python": "p"}
+    return {"machine": machine, "started": "then", "command": "python tools/benchmark.py", "threads": 1, "ranks": 2,
+            "load_at_start": [1.0], "load_at_end": [1.0], **sections}
+
+
+def test_report_gpu_section_and_separately_measured_sections(tmp_path):
+    gpu = {"device": "NVIDIA H200", "torch": "2.11", "seq_length": 2048, "micro_batch": 8, "steps": 30,
+           "peak_flops": 989e12, "runs": [{"run": "llama-1b_bf16", "parameters": 1.1e9, "precision": "bf16",
+                                           "tokens_per_sec": 60000.0, "tflops": 470.0, "mfu": 0.4752}]}
+    launch = {"load": [1, 2], "seconds": {"ranks": [17.0], "one": [10.0]}, "median": {"ranks": 17.0, "one": 10.0},
+              "commands": ["python tools/benchmark.py --sections launch"], "started": "earlier"}
+    path = tmp_path / "report.md"
+    benchmark.write_report(str(path), report_results(gpu=gpu, launch=launch, model="tiny", config="c.json"))
+    text = path.read_text()
+    assert "| llama-1b_bf16 | 1100 M | bf16 | 60,000 | 470 | 47.5% |" in text and "(989 TFLOP/s)" in text
+    assert "measured separately, by `python tools/benchmark.py --sections launch` (earlier)" in text
+    benchmark.write_report(str(path), report_results())
+    assert "## On a GPU\n\nNot measured yet" in path.read_text()

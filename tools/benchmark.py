@@ -11,6 +11,8 @@ Sections (--sections):
               DeepSpeed JSON, for each precision (--precisions; fp32 is the JSON with bf16/fp16 disabled):
                 ours        deepspeed --num_gpus R pipeline/pretrain.py  (summary.json tokens_per_sec: steps
                             after the first 2, evaluation and checkpoints excluded)
+                ours_compile  the same with --compile (torch.compile, inductor; the compile happens in
+                            the first step, left out)
                 hf_trainer  deepspeed --num_gpus R hf_trainer_baseline.py  (HF Trainer + DeepSpeed, same JSON)
                 ours_1p     python -m pipeline.pretrain  (one process, same JSON)
                 torch_1p    python torch_baseline.py  (one process, plain PyTorch loop; bf16 = autocast)
@@ -54,7 +56,8 @@ sys.path.insert(0, REPO)
 
 SECTIONS = ("throughput", "memory", "launch", "prepare")
 MEMORY_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
-RUNS = ("ours", "hf_trainer", "ours_1p", "torch_1p")
+RUNS = ("ours", "ours_compile", "hf_trainer", "ours_1p", "torch_1p")
+MULTI_RANK = ("ours", "ours_compile", "hf_trainer")
 
 # The kernels a run's matrix products use, per precision. On a CPU without native bf16, ours runs its bf16
 # products on fp32 kernels (pipeline/models/cpu_bf16.py); the peers use torch's bf16 GEMM.
@@ -67,7 +70,7 @@ def run_kernels(precision: str, native_bf16: bool) -> dict[str, str]:
     if precision == "fp32":
         return {name: "fp32" for name in RUNS}
     ours = "bf16" if native_bf16 else "bf16-via-fp32"
-    return {"ours": ours, "ours_1p": ours, "hf_trainer": "bf16", "torch_1p": "bf16"}
+    return {"ours": ours, "ours_compile": ours, "ours_1p": ours, "hf_trainer": "bf16", "torch_1p": "bf16"}
 
 
 # ---------------------------------------------------------------- FLOPs and the matmul ceiling
@@ -343,9 +346,11 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
             for name in RUNS if r % 2 == 0 else RUNS[::-1]:
                 label = f"{precision}_{name}_{r}"
                 out = os.path.join(bench.work, label)
-                if name in ("ours", "ours_1p"):
+                if name in ("ours", "ours_compile", "ours_1p"):
                     a = pretrain_args(data, model_config, ds_config, out, args.seq_length, steps, steps)
-                    cmd = (bench.launcher(args.ranks, "pipeline/pretrain.py", a) if name == "ours"
+                    if name == "ours_compile":
+                        a.append("--compile")
+                    cmd = (bench.launcher(args.ranks, "pipeline/pretrain.py", a) if name in MULTI_RANK
                            else [sys.executable, "-m", "pipeline.pretrain", *a])
                     bench.execute(cmd, label)
                     value = json.load(open(os.path.join(out, "summary.json")))["tokens_per_sec"]
@@ -372,7 +377,7 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
         ceiling = {key: statistics.median(v) for key, v in ceilings.items()}
         runs = {}
         for name in RUNS:
-            processes = args.ranks if name in ("ours", "hf_trainer") else 1
+            processes = args.ranks if name in MULTI_RANK else 1
             achieved = med[name] * flops_per_token
             runs[name] = {"tokens_per_sec": tokens[name], "median": med[name], "gflops": achieved / 1e9,
                           "kernel": kernels[name], "processes": processes,
@@ -381,11 +386,14 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
         results[precision] = {
             "config": ds_config, "runs": runs, "flops_per_token": flops_per_token,
             "ours_vs_hf_trainer": med["ours"] / med["hf_trainer"],
+            "ours_compile_vs_hf_trainer": med["ours_compile"] / med["hf_trainer"],
+            "ours_compile_vs_ours": med["ours_compile"] / med["ours"],
             "ours_1p_vs_torch_1p": med["ours_1p"] / med["torch_1p"],
             "ceilings_gflops": {f"{k} x{p}": v / 1e9 for (k, p), v in ceiling.items()},
             "load": load_range(bench.loads[loads:]),
         }
         print(f"[throughput] {precision}: ours/hf_trainer {results[precision]['ours_vs_hf_trainer']:.2f}x, "
+              f"ours_compile/hf_trainer {results[precision]['ours_compile_vs_hf_trainer']:.2f}x, "
               f"ours_1p/torch_1p {results[precision]['ours_1p_vs_torch_1p']:.2f}x", flush=True)
     return results
 
@@ -499,6 +507,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write every figure as JSON here")
     p.add_argument("--rewrite-report", metavar="JSON", default=None,
                    help="run nothing: write --report (default docs/BENCHMARKS.md) from the --json file of an earlier run")
+    p.add_argument("--gpu-json", metavar="JSON", default=None,
+                   help="the gpu_check.json of `bash tools/gpu_check.sh` (run on a GPU machine) to put in the report's "
+                        "GPU section; with --rewrite-report, a report from an earlier run plus the GPU figures")
     p.add_argument("--timeout", type=int, default=1800, help="seconds after which one run is killed (default: 1800)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders) and print its path")
     args = p.parse_args(argv)
@@ -567,6 +578,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rewrite_report:
         with open(args.rewrite_report) as f:
             results = json.load(f)
+        if args.gpu_json:
+            with open(args.gpu_json) as f:
+                results["gpu"] = json.load(f)
         write_report(args.report or os.path.join(REPO, "docs", "BENCHMARKS.md"), results)
         return results
     from pipeline.config import load_ds_config
@@ -604,6 +618,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["launch"] = launch(bench, args, data, model_config, args.config)
         if "prepare" in args.sections:
             results["prepare"] = prepare(bench, args)
+        if args.gpu_json:
+            with open(args.gpu_json) as f:
+                results["gpu"] = json.load(f)
     finally:
         removed = bench.clean_up(args.keep)
         if args.keep:
@@ -634,6 +651,13 @@ CAVEATS = """\
   a native bf16 GEMM gives); the HF Trainer and the torch loop use torch's bf16 kernels. The bf16 ratios
   therefore measure that kernel choice as much as the framework; on a GPU or an AMX CPU they do not carry over.
   The fp32 rows compare the frameworks alone.
+- `ours_compile` is `pipeline.pretrain --compile` (torch.compile with inductor through DeepSpeed's
+  `engine.compile`). Its compile happens in the first step, which the figure leaves out: ~90 s on this CPU
+  the first time, seconds in later rounds (inductor caches the generated code). Where the time goes in one
+  step of `tiny` (fp32, one thread, torch.profiler): matrix products ~50%, SDPA forward and backward ~20%,
+  the cross-entropy's log-softmax ~7%, the rest element-wise. In fp32 the matrix products and SDPA are
+  already at the kernels' speed and the compile gains nothing measurable; in bf16 the element-wise work
+  and the casts between bf16 and fp32 are what it fuses, and that is where it gains.
 - MFU is against a ceiling measured in the same round: the GEMMs of one step alone, by the same number of
   processes and threads, in the kernels the run uses (`bf16-via-fp32` for ours in bf16 here, `bf16` for the
   peers). The attention term counts the full T x T score and value products (the usual convention); causal
@@ -657,6 +681,14 @@ CAVEATS = """\
   builds first (4 bytes a parameter), but that happens before the optimizer states exist and stays below the
   step's peak; the models are built as in the other stages, so a seed gives the same initial weights in all.
 """
+
+
+def measured_separately(section: dict) -> list[str]:
+    """The report's line for a section measured by other commands than the report's own (merged in later)."""
+    if not section.get("commands"):
+        return []
+    return ["This section was measured separately, by " + " and ".join(f"`{c}`" for c in section["commands"]) +
+            f" ({section['started']}).", ""]
 
 
 def write_report(path: str, r: dict) -> None:
@@ -688,8 +720,11 @@ def write_report(path: str, r: dict) -> None:
                              f"{row['gflops']:.1f} | {row['mfu']:.1%} |")
             target = "target >= 1.25x" if precision == "bf16" else "no target: the frameworks alone, same kernels"
             lines += ["", f"- ours / HF Trainer ({r['ranks']} ranks, ZeRO from the JSON): "
-                          f"**{t['ours_vs_hf_trainer']:.2f}x** ({target})",
-                      f"- ours in one process / the plain torch loop: **{t['ours_1p_vs_torch_1p']:.2f}x** "
+                          f"**{t['ours_vs_hf_trainer']:.2f}x** ({target})"]
+            if "ours_compile_vs_hf_trainer" in t:  # reports of runs before ours_compile existed lack it
+                lines += [f"- ours with `--compile` / HF Trainer: **{t['ours_compile_vs_hf_trainer']:.2f}x**; "
+                          f"with / without `--compile`: {t['ours_compile_vs_ours']:.2f}x"]
+            lines += [f"- ours in one process / the plain torch loop: **{t['ours_1p_vs_torch_1p']:.2f}x** "
                       f"(target >= 0.90x)", ""]
         lines += ["Kernels: " + "; ".join(f"`{k}`: {v}" for k, v in KERNELS.items()) + ".", ""]
     if "memory" in r:
@@ -703,10 +738,7 @@ def write_report(path: str, r: dict) -> None:
         for name, row in mem["configs"].items():
             ratio = f"{row['vs_zero0']:.2f}" if row["vs_zero0"] is not None else "n/a"
             lines.append(f"| {name} | {', '.join(f'{v:.2f}' for v in row['peak_gb_per_rank'])} | {ratio} |")
-        lines += ["", "Target: ZeRO-3 <= 0.60 x ZeRO-0.", ""]
-        if mem.get("commands"):  # a section measured again later, by other commands than the report's
-            lines += ["This section was measured separately, by " + " and ".join(f"`{c}`" for c in mem["commands"])
-                      + f" ({mem['started']}).", ""]
+        lines += ["", "Target: ZeRO-3 <= 0.60 x ZeRO-0.", ""] + measured_separately(mem)
     if "launch" in r:
         la = r["launch"]
         lines += ["## Launch to first step", "",
@@ -716,7 +748,7 @@ def write_report(path: str, r: dict) -> None:
         for kind, values in la["seconds"].items():
             label = f"{r['ranks']} ranks (deepspeed launcher)" if kind == "ranks" else "one process"
             lines.append(f"| {label} | {', '.join(f'{v:.1f}' for v in values)} | {la['median'][kind]:.1f} |")
-        lines.append("")
+        lines += [""] + measured_separately(la)
     if "prepare" in r:
         pr = r["prepare"]
         lines += ["## Data preparation", "",
@@ -728,6 +760,26 @@ def write_report(path: str, r: dict) -> None:
                   f"| prepare_baseline.py (datasets.map, {pr['baseline']['num_proc']} processes) | "
                   f"{', '.join(f'{v:.2f}' for v in pr['baseline']['seconds'])} | {pr['baseline']['tokens_per_sec']:,} |",
                   "", f"Speed-up **{pr['speedup']}x** (target >= 2x); same ids: {pr.get('same_ids')}.", ""]
+        lines += measured_separately(pr)
+    lines += ["## On a GPU", ""]
+    if "gpu" in r:
+        g = r["gpu"]
+        peak = (f"; MFU against the GPU's dense half-precision peak ({g['peak_flops'] / 1e12:.0f} TFLOP/s)"
+                if g["peak_flops"] else "")
+        lines += [f"`bash tools/gpu_check.sh` on {g['device']}, torch {g['torch']}: `python -m pipeline.pretrain`, one GPU, "
+                  f"ZeRO-0, sequence {g['seq_length']}, micro batch {g['micro_batch']}, {g['steps']} steps (tokens/s "
+                  f"leave out the first 2){peak}.", "",
+                  "| run | parameters | precision | tokens/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+        for row in g["runs"]:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            lines.append(f"| {row['run']} | {row['parameters'] / 1e6:.0f} M | {row['precision']} | "
+                         f"{row['tokens_per_sec']:,.0f} | {row['tflops']:.0f} | {mfu} |")
+        lines += ["", "Target: MFU >= 45% in bf16.", ""]
+    else:
+        lines += ["Not measured yet: no GPU was available to the runs of this report. `bash tools/gpu_check.sh` "
+                  "measures tokens/s and MFU of `llama-350m` and `llama-1b` in bf16, fp16 and bf16 with `--compile` "
+                  "on one GPU in a few minutes (target: MFU >= 45% in bf16); `python tools/benchmark.py "
+                  "--rewrite-report RESULTS.json --gpu-json gpu_check.json` adds its figures here.", ""]
     lines += ["## Caveats", "", CAVEATS]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
