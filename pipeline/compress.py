@@ -68,7 +68,8 @@ class Args:
     log_interval: int = arg(10, help="optimizer steps between console lines and TensorBoard train scalars")
     eval_interval: int = arg(100, help="optimizer steps between validation runs (0: only at the end)")
     eval_batches: int = arg(20, help="lm: micro-batches per rank in each validation run")
-    save_interval: int = arg(100, help="optimizer steps between checkpoints (0: only at the end)")
+    save_interval: int = arg(100, help="optimizer steps between checkpoints, and one at the last step "
+                                     "(0: no checkpoints: the run cannot be resumed, only its exports are written)")
     keep_checkpoints: int = arg(2, help="how many most recent checkpoints to keep")
     latency_repeats: int = arg(10, help="timed forward passes per model for the CPU latency (the median is reported)")
     runtime: str = arg("auto", help="kernel for the compressed model's metric and latency: int8 (dynamic int8 CPU "

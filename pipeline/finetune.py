@@ -87,8 +87,9 @@ class Args:
     epochs: float = arg(help=f"passes over the training data, converted to steps (default {DEFAULT_EPOCHS:g} when "
                              "--train-steps is not given)")
     eval_interval: int = arg(help="optimizer steps between validation runs (default: one epoch; 0: only at the end)")
-    save_interval: int = arg(help="optimizer steps between checkpoints (default: --eval-interval; 0: only the best "
-                                  "and the last); a better validation metric always saves one")
+    save_interval: int = arg(help="optimizer steps between checkpoints, and one at the last step (default: --eval-interval; "
+                                  "0: only when the validation metric improves or --patience stops the run); a "
+                                  "better validation metric always saves one")
     metric_for_best: str = arg(help="validation metric that picks the best checkpoint: macro_f1 (default), accuracy "
                                     "or loss for classify; loss for sft", choices=["macro_f1", "accuracy", "loss"])
     patience: int = arg(0, help="stop after this many validation runs without a better --metric-for-best "

@@ -59,7 +59,8 @@ class Args:
     log_interval: int = arg(10, help="optimizer steps between console lines and TensorBoard train scalars")
     eval_interval: int = arg(100, help="optimizer steps between validation runs (0: only at the end)")
     eval_batches: int = arg(20, help="micro-batches per rank in each validation run")
-    save_interval: int = arg(100, help="optimizer steps between checkpoints (0: only at the end)")
+    save_interval: int = arg(100, help="optimizer steps between checkpoints, and one at the last step "
+                                     "(0: no checkpoints: the run cannot be resumed or extended, only its hf/ export is written)")
     keep_checkpoints: int = arg(2, help="how many most recent checkpoints to keep")
     compile: bool = arg(False, help="compile the model with torch.compile (DeepSpeed's engine.compile) before the first "
                                     "step: element-wise work and precision casts fused into fewer kernels (bf16 "
