@@ -3,9 +3,11 @@ the repository root, and a runner for stage commands under the real `deepspeed` 
 import glob
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -66,6 +68,54 @@ def run_stage(script: str, args: list[str], ranks: int = 2, timeout: int = 900, 
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n"
                              f"--- stderr\n{r.stderr[-6000:]}")
     return r
+
+
+def run_as_main(target: str, argv: list[str], monkeypatch) -> int:
+    """Run a module (`pipeline.x`) or a script (`tools/x.py`) as `__main__` in this process with these arguments; its
+    exit status. For what fails or finishes before any process group starts: no interpreter start, no imports."""
+    monkeypatch.setattr(sys, "argv", [target, *argv])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: "found in sys.modules", it is re-executed
+            if target.endswith(".py"):
+                runpy.run_path(os.path.join(REPO, target), run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+FP32_STEPS = 12
+
+
+def fp32_config(folder, name: str = "zero2.json") -> str:
+    """A shipped ZeRO config in fp32 (this CPU emulates bf16 slowly; fault handling and ZeRO stage equivalence do
+    not depend on precision) with a learning rate for a tiny model and a fixed 12-step schedule, so that a stopped
+    run, a shorter one and the uninterrupted one follow the same LR."""
+    ds = json.load(open(os.path.join(REPO, "ds_configs", name)))
+    ds["bf16"] = {"enabled": False}
+    ds["optimizer"]["params"]["lr"] = 3e-3
+    ds["scheduler"]["params"].update(total_num_steps=FP32_STEPS, warmup_num_steps=2)
+    path = folder / f"{name.removesuffix('.json')}_fp32.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def fp32_args(prepared: str, config: str, run, steps: int = FP32_STEPS) -> list[str]:
+    """pretrain flags of the fp32 runs: a checkpoint every 3 steps, an evaluation every 4."""
+    return ["--data", prepared, "--model", "tiny", "--deepspeed_config", config, "--output", str(run),
+            "--train-steps", str(steps), "--seq-length", "32", "--log-interval", "1", "--eval-interval", "4",
+            "--eval-batches", "1", "--save-interval", "3", "--keep-checkpoints", "2", "--seed", "5"]
+
+
+@pytest.fixture(scope="session")
+def fp32_zero2_run(prepared, tmp_path_factory):
+    """An uninterrupted 12-step run of fp32_config("zero2.json") on 2 ranks: the loss curve that the fault tests'
+    resumed runs and the other ZeRO stages (tests/test_pretrain.py) must reproduce."""
+    root = tmp_path_factory.mktemp("fp32_zero2")
+    run_stage("pretrain.py", fp32_args(prepared, fp32_config(root), root / "run"))
+    return root / "run"
 
 
 def scalars(run_dir, tag: str) -> dict[int, float]:

@@ -12,8 +12,11 @@ KIND is where the rank dies (SIGKILL, as a preempted node or the OOM killer woul
   rotate   on rank 0 after `latest` names checkpoint STEP, while old checkpoints are being removed
   eval     during the evaluation at step STEP
   load     while loading the checkpoint on resume (STEP ignored)
+  full     the disk fills during the save of checkpoint STEP: torch.save raises ENOSPC for its files, on every
+           rank (a node's ranks share the disk; RANK ignored, write `all`)
 Everything is done by patching library functions in this wrapper: the stage's code has no test hooks.
 """
+import errno
 import importlib
 import os
 import shutil
@@ -29,7 +32,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from pipeline.cli import run_main  # noqa: E402
 
 kind, step, rank = os.environ["FAULT"].split(":")
-step, rank = int(step), int(rank)
+step, rank = int(step), (None if rank == "all" else int(rank))
 steps_done = 0
 
 
@@ -65,6 +68,8 @@ def patch_save() -> None:
         if f"global_step{step}{os.sep}" in path:
             if (kind == "save" and "optim_states" in path) or (kind == "rng" and "rng_rank" in path):
                 die()
+            if kind == "full":
+                raise OSError(errno.ENOSPC, "No space left on device", path)
         return original(obj, f, *args, **kwargs)
 
     torch.save = save_then_fail
@@ -118,10 +123,10 @@ def patch_load() -> None:
 # The launcher puts --local_rank=N first; the stage reads the rank from the environment.
 stage, *argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 module = importlib.import_module(f"pipeline.{stage}")
-if int(os.environ["RANK"]) == rank:
+if rank is None or int(os.environ["RANK"]) == rank:
     if kind in ("step", "raise", "pause", "eval"):
         patch_step()
-    if kind in ("save", "rng"):
+    if kind in ("save", "rng", "full"):
         patch_save()
     if kind in ("latest", "rotate"):
         patch_latest()

@@ -3,14 +3,11 @@ and no output that looks complete. Each case runs the module's real `__main__` i
 errors come before any process group starts, so the whole matrix takes seconds."""
 import json
 import os
-import runpy
 import shutil
-import sys
-import warnings
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_as_main
 
 SENTIMENT = os.path.join(REPO, "data", "sentiment")
 ZERO0 = os.path.join(REPO, "ds_configs", "zero0.json")
@@ -234,21 +231,6 @@ CASES = [
     ("estimate_memory: negative sequence length", "tools/estimate_memory.py", ["--model", "tiny", "--seq-length", "-1"],
      ["--seq-length must be positive, got -1"]),
 ]
-
-
-def run_as_main(target: str, argv: list[str], monkeypatch) -> int:
-    """Run a module (`pipeline.x`) or a script (`tools/x.py`) as `__main__` with these arguments; its exit status."""
-    monkeypatch.setattr(sys, "argv", [target, *argv])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: "found in sys.modules", it is re-executed
-            if target.endswith(".py"):
-                runpy.run_path(os.path.join(REPO, target), run_name="__main__")
-            else:
-                runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    return 0
 
 
 def test_the_matrix_covers_every_stage_and_tool():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.conftest import REPO, run_stage, scalars
+from tests.conftest import REPO, run_as_main, run_stage, scalars
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -111,8 +111,8 @@ def _fit(model, tokenizer_dir, train_file, steps=60):
         torch.set_num_threads(threads)
 
 
-def compress(args, ranks=0, check=True):
-    return run_stage("compress.py", args, ranks=ranks, check=check)
+def compress(args, ranks=0):
+    return run_stage("compress.py", args, ranks=ranks)
 
 
 def lm_args(init, prepared, config, run, steps=STEPS):
@@ -230,12 +230,17 @@ def test_heads_and_rows_pruned_on_two_ranks_with_zero2(pruned_run):
 
 
 def test_resume_after_pruning_continues_the_uninterrupted_run(pruned_run, llama_init, prepared, prune_config, tmp_path):
+    # A run stopped after its checkpoint of step 6 (pruned_run's, copied), two steps after the pruning at step 4.
+    import shutil
+
     run, _ = pruned_run
     part = tmp_path / "part"
-    compress(lm_args(llama_init, prepared, prune_config, part, steps=6) + ["--save-interval", "6"], ranks=2)
+    shutil.copytree(run / "checkpoints" / "global_step6", part / "checkpoints" / "global_step6")
+    (part / "checkpoints" / "latest").write_text("global_step6")
     r = compress(lm_args(llama_init, prepared, prune_config, part) + ["--save-interval", "6"], ranks=2)
     assert "at step 6" in r.stdout and "heads masked" not in r.stdout  # the masks came back with the checkpoint
-    assert losses(part) == pytest.approx(losses(run), abs=1e-5)
+    assert sorted(scalars(part, "Train/loss")) == list(range(7, STEPS + 1))
+    assert losses(part) == pytest.approx(losses(run)[6:], abs=1e-5)
     after = json.load(open(part / "summary.json"))
     assert after["params_after"] == json.load(open(run / "summary.json"))["params_after"]
 
@@ -251,17 +256,20 @@ def test_resume_after_pruning_continues_the_uninterrupted_run(pruned_run, llama_
                       "different_groups": {"rp1": {"params": {"dense_ratio": 2.0}, "modules": ["mlp"]}}}},
      "rp1.params.dense_ratio must be in (0, 1]"),
 ])
-def test_bad_compression_config_fails_before_start(llama_init, prepared, tmp_path, edit, message):
+def test_bad_compression_config_fails_before_start(llama_init, prepared, tmp_path, monkeypatch, capsys, edit, message):
     ds = json.load(open(os.path.join(REPO, "ds_configs", "compression", "int8_ptq.json")))
     ds["compression"] = edit
     (tmp_path / "bad.json").write_text(json.dumps(ds))
-    r = compress(lm_args(llama_init, prepared, str(tmp_path / "bad.json"), tmp_path / "run"), check=False)
-    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    code = run_as_main("pipeline.compress", lm_args(llama_init, prepared, str(tmp_path / "bad.json"), tmp_path / "run"),
+                       monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err[-2000:]
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_shows_what_each_method_selects(llama_init, prepared, tmp_path):
-    r = compress(lm_args(llama_init, prepared, os.path.join(REPO, "ds_configs", "compression", "extreme.json"),
-                         tmp_path / "dry") + ["--dry-run"])
-    assert "layer_reduction" in r.stdout and "QAT int4 g32" in r.stdout and "train_batch_size" in r.stdout
+def test_dry_run_shows_what_each_method_selects(llama_init, prepared, tmp_path, monkeypatch, capsys):
+    code = run_as_main("pipeline.compress", lm_args(llama_init, prepared, os.path.join(
+        REPO, "ds_configs", "compression", "extreme.json"), tmp_path / "dry") + ["--dry-run"], monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0 and "layer_reduction" in out and "QAT int4 g32" in out and "train_batch_size" in out
     assert not (tmp_path / "dry").exists()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_stage
+from tests.conftest import REPO, run_as_main, run_stage
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import export_checkpoint  # noqa: E402
@@ -40,16 +40,20 @@ def zero3_run(prepared, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_zero3_checkpoint_to_universal_then_to_hf(zero3_run, tmp_path):
+def test_zero3_checkpoint_to_universal_then_to_hf(zero3_run, tmp_path, monkeypatch, capsys):
     """After --to universal, `latest` names the universal tag; --to hf reads its fp32.pt files (ZeRO-3 keeps each
-    parameter flattened there) and gives exactly the weights the ZeRO-3 consolidation gives."""
+    parameter flattened there) and gives exactly the weights the ZeRO-3 consolidation gives. (--to hf runs the
+    tool's __main__ in this process; --to universal its command line.)"""
     direct = tmp_path / "direct"
-    tool("convert_checkpoint.py", zero3_run, "--to", "hf", "--tag", "global_step4", "--output", direct)
+    argv = [str(zero3_run), "--to", "hf", "--tag", "global_step4", "--output", str(direct)]
+    assert run_as_main("tools/convert_checkpoint.py", argv, monkeypatch) == 0
     tool("convert_checkpoint.py", zero3_run, "--to", "universal")
     assert (zero3_run / "checkpoints" / "latest").read_text() == "global_step4_universal"
     universal = tmp_path / "universal"
-    r = tool("convert_checkpoint.py", zero3_run, "--to", "hf", "--output", universal)
-    assert "global_step4_universal" in r.stdout
+    capsys.readouterr()
+    assert run_as_main("tools/convert_checkpoint.py", [str(zero3_run), "--to", "hf", "--output", str(universal)],
+                       monkeypatch) == 0
+    assert "global_step4_universal" in capsys.readouterr().out
     a, b = weights(direct), weights(universal)
     assert sorted(a) == sorted(b)
     for key in a:

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.data import tasks
 from pipeline.data.readers import InputError
-from tests.conftest import REPO, FakeEngine, run_stage, scalars
+from tests.conftest import REPO, FakeEngine, run_as_main, run_stage, scalars
 
 STEPS = 24
 FRUIT = "apple pear plum cherry grape melon lemon peach".split()
@@ -519,7 +519,7 @@ def test_lora_under_zero3_trains_only_adapters_and_merges(toy, hf_tokenizer, tmp
 
 
 @pytest.mark.slow
-def test_sft_with_adalora_and_packing_then_generate(llama_init, tmp_path):
+def test_sft_with_adalora_and_packing_then_generate(llama_init, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     rnd = random.Random(0)
@@ -551,9 +551,8 @@ def test_sft_with_adalora_and_packing_then_generate(llama_init, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(run / "hf").config.model_type == "llama"
     out = tmp_path / "generated.jsonl"
     write_jsonl(tmp_path / "prompts.jsonl", [{"text": "Repeat: apple stone river\n"}, {"text": "Repeat: cloud\n"}])
-    subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(run / "hf"), "--input",
-                    str(tmp_path / "prompts.jsonl"), "--output", str(out), "--max-new-tokens", "5"],
-                   cwd=REPO, check=True, capture_output=True)
+    assert run_as_main("pipeline.predict", ["--model", str(run / "hf"), "--input", str(tmp_path / "prompts.jsonl"),
+                                            "--output", str(out), "--max-new-tokens", "5"], monkeypatch) == 0
     rows = [json.loads(line) for line in open(out)]
     assert [r["prompt"] for r in rows] == ["Repeat: apple stone river\n", "Repeat: cloud\n"]
     assert all(isinstance(r["generated"], str) for r in rows)
@@ -570,14 +569,14 @@ def test_predict_cli_on_the_classifier_reads_stdin(classify_run):
                for row in rows)
 
 
-def test_unseen_label_is_an_error_before_anything_starts(toy, llama_init, tmp_path):
+def test_unseen_label_is_an_error_before_anything_starts(toy, llama_init, tmp_path, monkeypatch, capsys):
     valid = write_jsonl(tmp_path / "valid.jsonl", toy_examples(2, 9) + [{"text": "a carrot", "label": "vegetable"}])
-    r = run_stage("finetune.py", ["--train", toy["train"], "--valid", valid, "--init", llama_init,
-                                  "--deepspeed_config", os.path.join(REPO, "ds_configs", "zero0.json"),
-                                  "--output", str(tmp_path / "run")], ranks=0, check=False)
-    assert r.returncode == 2
+    code = run_as_main("pipeline.finetune", ["--train", toy["train"], "--valid", valid, "--init", llama_init,
+                                             "--deepspeed_config", os.path.join(REPO, "ds_configs", "zero0.json"),
+                                             "--output", str(tmp_path / "run")], monkeypatch)
+    assert code == 2
     assert (f"{valid}:3: label 'vegetable' does not occur in the training data {toy['train']}; "
-            "known labels: 'fruit', 'mineral'") in r.stderr
+            "known labels: 'fruit', 'mineral'") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

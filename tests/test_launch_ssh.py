@@ -2,9 +2,9 @@
 
 The test starts its own sshd on 127.0.0.1 (its own host key and authorized key in tmp_path; the user's
 ~/.ssh is not touched: an `ssh` wrapper first on PATH gives the client its config), runs a 2-rank tiny
-pretrain through pdsh (`--force_multi --ssh_port`), checks it against the same run in one process
-(fp32, same global batch), and stops sshd by its pid. Skipped where sshd or pdsh is missing
-(Debian: apt-get install pdsh openssh-server; .ci/run installs them).
+pretrain through pdsh (`--force_multi --ssh_port`), checks it against the same run under the local
+launcher (fp32, tests/conftest.py fp32_zero2_run), and stops sshd by its pid. Skipped where sshd or pdsh
+is missing (Debian: apt-get install pdsh openssh-server; .ci/run installs them).
 """
 import json
 import os
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port, run_stage, scalars
+from tests.conftest import REPO, fp32_args, fp32_config, free_port, scalars
 
 pytestmark = pytest.mark.slow
 SSHD, PDSH, SSH, SSH_KEYGEN = (shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
@@ -92,27 +92,20 @@ LogLevel ERROR
             server.wait()
 
 
-def test_two_ranks_over_pdsh_and_ssh_match_one_process(sshd, prepared, tmp_path):
+def test_two_ranks_over_pdsh_and_ssh_match_the_local_launcher(sshd, fp32_zero2_run, prepared, tmp_path):
     port, env = sshd
-    ds = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
-    ds["bf16"] = {"enabled": False}  # fp32: 2 ranks and 1 rank with 2 micro-batches agree to rounding
-    ds["optimizer"]["params"]["lr"] = 3e-3
-    ds["scheduler"]["params"].update(total_num_steps=4, warmup_num_steps=1)
-    ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = 8, 4, "auto"
-    config = write(tmp_path / "zero2_fp32.json", json.dumps(ds))
-    args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", str(config), "--train-steps", "4",
-            "--seq-length", "64", "--log-interval", "1", "--eval-interval", "0", "--eval-batches", "1",
-            "--save-interval", "0", "--seed", "3"]
+    # The same run as tests/conftest.py fp32_zero2_run (fp32 ZeRO-2, 2 ranks, its fixed 12-step schedule), 4 steps.
+    args = fp32_args(prepared, fp32_config(tmp_path), tmp_path / "pdsh", steps=4) + [
+        "--eval-interval", "0", "--save-interval", "0"]
     hostfile = write(tmp_path / "hostfile", "localhost slots=2\n")
     run = tmp_path / "pdsh"
     r = subprocess.run(["deepspeed", "--hostfile", str(hostfile), "--force_multi", "--ssh_port", str(port),
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "pipeline/pretrain.py",
-                        *args, "--output", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "cmd = pdsh -S -f 1024 -w localhost " in r.stdout + r.stderr  # through pdsh, not the local launcher
     summary = json.load(open(run / "summary.json"))
     assert summary["world_size"] == 2 and summary["steps"] == 4
-    run_stage("pretrain.py", [*args, "--output", str(tmp_path / "one")], ranks=0)
-    over_ssh, one = scalars(run, "Train/loss"), scalars(tmp_path / "one", "Train/loss")
+    over_ssh, local = scalars(run, "Train/loss"), scalars(fp32_zero2_run, "Train/loss")
     assert sorted(over_ssh) == [1, 2, 3, 4]
-    assert over_ssh == pytest.approx(one, abs=1e-4)
+    assert over_ssh == pytest.approx({step: local[step] for step in over_ssh}, abs=1e-4)

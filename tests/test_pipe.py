@@ -4,13 +4,11 @@ trains, resume is exact, and the export is the plain run's HF format.
 (The fast checks without a launcher are in test_pipe_layers.py.)"""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_stage, scalars
+from tests.conftest import REPO, fp32_args, run_as_main, run_stage, scalars
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -90,54 +88,70 @@ def test_pipe2_fp16_runs_as_bf16_with_bf16_gradients_on_cpu(prepared, tmp_path):
     assert len(curve) == 6 and curve[-1] < curve[0]
 
 
-def test_two_stages_match_one_stage_from_the_same_weights(prepared, tmp_path):
+def fp32_pipe_run(prepared, run, config, ranks=2, extra=()):
+    """A pipelined run to compare with the plain one, tests/conftest.py fp32_zero2_run (ZeRO-2 data parallel on 2
+    ranks, global batch micro 4 x accumulation 1 x dp 2 = 8, evaluation over 1 x 4 x 2 = 8 windows every 4 steps):
+    its flags and schedule, EQUIV_STEPS steps."""
+    args = fp32_args(prepared, config, run, steps=EQUIV_STEPS)
+    run_stage("pretrain.py", [*args, "--save-interval", "0", *extra], ranks=ranks)
+
+
+def eval_loss_at_4(run):
+    return scalars(run, "Eval/loss")[4]
+
+
+def test_two_stages_match_one_stage_from_the_same_weights(fp32_zero2_run, prepared, tmp_path):
     # fp32 so that only reduction order differs. Global batch 8 both ways: 2 stages x micro 4 x accum 2
-    # x dp 1, and ZeRO-1 data parallel micro 4 x accum 1 x dp 2. Evaluation over the same 16 windows:
-    # eval_batches x micro x dp = 4 x 4 x 1 = 2 x 4 x 2.
-    runs = {"plain": (make_config(tmp_path, "zero1.json", "zero1.json", fp32=True), ["--eval-batches", "2"]),
-            "pipe": (make_config(tmp_path, "pipe2.json", "pipe2.json", fp32=True), ["--eval-batches", "4"])}
-    curves, evals = {}, {}
-    for name, (config, extra) in runs.items():
-        pretrain(prepared, tmp_path / name, config, steps=EQUIV_STEPS, extra=["--save-interval", "0", *extra])
-        curves[name] = losses(tmp_path / name)
-        evals[name] = json.load(open(tmp_path / name / "summary.json"))["eval_loss"]
-        assert len(curves[name]) == EQUIV_STEPS and curves[name][-1] < curves[name][0]
+    # x dp 1 (pipe2.json's layout), and the plain run's micro 4 x accum 1 x dp 2. Evaluation (step 4) over
+    # the same 8 windows: eval_batches x micro x dp = 2 x 4 x 1 = 1 x 4 x 2.
+    pipe = tmp_path / "pipe"
+    fp32_pipe_run(prepared, pipe, make_config(tmp_path, "pipe2.json", "pipe2.json", fp32=True),
+                  extra=["--eval-batches", "2"])
+    runs = {"plain": fp32_zero2_run, "pipe": pipe}
+    curves = {name: losses(run)[:EQUIV_STEPS] for name, run in runs.items()}
+    evals = {name: eval_loss_at_4(run) for name, run in runs.items()}
+    assert len(losses(pipe)) == EQUIV_STEPS
+    for curve in curves.values():
+        assert curve[-1] < curve[0]
     print("curves", json.dumps(curves), "eval", json.dumps(evals))
     assert curves["pipe"][0] == pytest.approx(curves["plain"][0], abs=1e-5), curves
     assert curves["pipe"] == pytest.approx(curves["plain"], abs=1e-4), curves
     assert evals["pipe"] == pytest.approx(evals["plain"], abs=1e-4), evals
-    norms = {name: list(scalars(tmp_path / name, "Train/grad_norm").values()) for name in runs}
+    norms = {name: [v for _, v in sorted(scalars(run, "Train/grad_norm").items())][:EQUIV_STEPS]
+             for name, run in runs.items()}
     assert norms["pipe"] == pytest.approx(norms["plain"], rel=1e-4), norms
-    assert our_tags(tmp_path / "pipe") == our_tags(tmp_path / "plain")  # the same metrics
+    assert our_tags(pipe) == our_tags(fp32_zero2_run)  # the same metrics
 
 
-def test_two_stages_by_two_replicas_on_four_ranks(prepared, tmp_path):
-    # 2 stages x 2 data-parallel replicas: global batch micro 4 x accum 2 x dp 2 = 16, the same as
-    # ZeRO-1 on 2 ranks with accumulation 2; in fp32 the curves agree, which checks that each replica
-    # reads its own slice of the data (rank and size from the pipeline grid, not the global rank).
+def test_two_stages_by_two_replicas_on_four_ranks(fp32_zero2_run, prepared, tmp_path):
+    # 2 stages x 2 data-parallel replicas: global batch micro 2 x accum 2 x dp 2 = 8, the same as the
+    # plain run's micro 4 x dp 2; in fp32 the curves agree, which checks that each replica reads its own
+    # slice of the data (rank and size from the pipeline grid, not the global rank).
     # The pipeline also partitions by layer type and checkpoints activations in chunks of 2 layers,
     # the token embedding inside the first checkpointed chunk of stage 0.
-    pipe = make_config(tmp_path, "pipe2.json", "pipe2.json", fp32=True,
+    pipe = make_config(tmp_path, "pipe2.json", "pipe2.json", fp32=True, train_micro_batch_size_per_gpu=2,
                        pipeline={"partition": "type:DecoderLayer", "activation_checkpoint_interval": 2})
-    plain = make_config(tmp_path, "zero1.json", "zero1.json", fp32=True, gradient_accumulation_steps=2)
-    pretrain(prepared, tmp_path / "pipe", pipe, ranks=4, steps=EQUIV_STEPS, extra=["--save-interval", "0"])
-    pretrain(prepared, tmp_path / "plain", plain, steps=EQUIV_STEPS, extra=["--save-interval", "0"])
+    fp32_pipe_run(prepared, tmp_path / "pipe", pipe, ranks=4, extra=["--eval-batches", "2"])  # 2 x 2 x 2 windows
     summary = json.load(open(tmp_path / "pipe" / "summary.json"))
-    assert summary["world_size"] == 4 and summary["pipeline_stages"] == 2 and summary["train_batch_size"] == 16
+    assert summary["world_size"] == 4 and summary["pipeline_stages"] == 2 and summary["train_batch_size"] == 8
     curve = losses(tmp_path / "pipe")
-    assert curve[-1] < curve[0]
-    assert curve == pytest.approx(losses(tmp_path / "plain"), abs=1e-3)
-    assert summary["eval_loss"] == pytest.approx(json.load(open(tmp_path / "plain" / "summary.json"))["eval_loss"],
-                                                 abs=1e-3)
+    assert len(curve) == EQUIV_STEPS and curve[-1] < curve[0]
+    assert curve == pytest.approx(losses(fp32_zero2_run)[:EQUIV_STEPS], abs=1e-3)
+    assert eval_loss_at_4(tmp_path / "pipe") == pytest.approx(eval_loss_at_4(fp32_zero2_run), abs=1e-3)
 
 
 def test_resume_continues_the_uninterrupted_pipeline_run(pipe_run, prepared, tmp_path):
-    config = make_config(tmp_path, "pipe2.json", "pipe2.json")
+    # A run stopped after its checkpoint of step 6 (pipe_run's, copied: layer files, optimizer states, data
+    # position, RNG states) resumes to exactly the uninterrupted run's steps 7-12 and evaluation.
+    import shutil
+
     part = tmp_path / "part"
-    pretrain(prepared, part, config, steps=6)
-    r = pretrain(prepared, part, config)
+    shutil.copytree(pipe_run / "checkpoints" / "global_step6", part / "checkpoints" / "global_step6")
+    (part / "checkpoints" / "latest").write_text("global_step6")
+    r = pretrain(prepared, part, make_config(tmp_path, "pipe2.json", "pipe2.json"))
     assert "resumed from" in r.stdout and "at step 6" in r.stdout
-    assert losses(part) == pytest.approx(losses(pipe_run), abs=1e-6)
+    assert sorted(scalars(part, "Train/loss")) == list(range(7, STEPS + 1))
+    assert losses(part) == pytest.approx(losses(pipe_run)[6:], abs=1e-6)
     assert json.load(open(part / "summary.json"))["eval_loss"] == pytest.approx(
         json.load(open(pipe_run / "summary.json"))["eval_loss"], abs=1e-6)
 
@@ -186,14 +200,15 @@ def build_reference_names():
             return set(f.keys())
 
 
-def test_export_tool_reads_pipeline_layer_files(pipe_run, tmp_path):
+def test_export_tool_reads_pipeline_layer_files(pipe_run, tmp_path, monkeypatch):
+    # The tool's __main__ in this process (its command line in a subprocess: tests/test_convert_checkpoint.py).
     import torch
     from transformers import AutoModelForCausalLM
 
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(pipe_run),
-                    "--output", str(tmp_path / "step12")], check=True, capture_output=True)
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(pipe_run),
-                    "--tag", "global_step6", "--output", str(tmp_path / "step6")], check=True, capture_output=True)
+    assert run_as_main("tools/export_checkpoint.py", [str(pipe_run), "--output", str(tmp_path / "step12")],
+                       monkeypatch) == 0
+    assert run_as_main("tools/export_checkpoint.py", [str(pipe_run), "--tag", "global_step6", "--output",
+                                                      str(tmp_path / "step6")], monkeypatch) == 0
     ids = torch.arange(64).reshape(1, 64) + 10
     with torch.no_grad():
         logits = {p.name: AutoModelForCausalLM.from_pretrained(p).float()(input_ids=ids).logits

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import REPO, run_stage, scalars
+from tests.conftest import REPO, fp32_args, fp32_config, run_as_main, run_stage, scalars
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -29,11 +29,22 @@ def fast_config(name, tmp_path, fp32=False, **scheduler):
     return str(path)
 
 
-def pretrain(prepared, run, config, ranks=2, steps=STEPS, extra=(), check=True):
-    args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", config,
+def pretrain_args(prepared, run, config, steps=STEPS, extra=()):
+    return ["--data", prepared, "--model", "tiny", "--deepspeed_config", config,
             "--output", str(run), "--train-steps", str(steps), "--seq-length", "64", "--log-interval", "1",
             "--eval-interval", "6", "--eval-batches", "2", "--save-interval", "6", "--seed", "3", *extra]
-    return run_stage("pretrain.py", args, ranks=ranks, check=check)
+
+
+def pretrain(prepared, run, config, ranks=2, steps=STEPS, extra=(), check=True):
+    return run_stage("pretrain.py", pretrain_args(prepared, run, config, steps, extra), ranks=ranks, check=check)
+
+
+def pretrain_in_process(args, monkeypatch, capsys):
+    """`python -m pipeline.pretrain ARGS` for what ends before any process group starts: (exit status, stdout,
+    stderr)."""
+    code = run_as_main("pipeline.pretrain", args, monkeypatch)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def losses(run):
@@ -85,16 +96,18 @@ def test_export_reloads_with_transformers_and_reproduces_eval_loss(zero2_run, pr
     assert abs(loss - summary["eval_loss"]) < 0.02 * summary["eval_loss"]
 
 
-def test_zero_stages_give_the_same_losses(prepared, tmp_path):
+def test_zero_stages_give_the_same_losses(fp32_zero2_run, prepared, tmp_path):
     # In fp32 the stages differ only in reduction order, so the curves agree tightly; in bf16 the
     # gradients are reduced in bf16 by ZeRO-1/2/3 and in fp32 by ZeRO-0, and at this learning rate
-    # the curves drift apart by a few hundredths within 6 steps.
-    curves = {}
-    for config in ("zero0.json", "zero2.json", "zero3.json"):
-        cfg = fast_config(config, tmp_path, fp32=True, total_num_steps=STEPS, warmup_num_steps=2)
-        pretrain(prepared, tmp_path / config, cfg, steps=6, extra=["--save-interval", "0"])
+    # the curves drift apart by a few hundredths within 6 steps. ZeRO-2: the shared 12-step fp32 run
+    # (tests/conftest.py), whose first 6 steps the 6-step runs on the same schedule must reproduce.
+    curves = {"zero2.json": losses(fp32_zero2_run)[:6]}
+    for config in ("zero0.json", "zero3.json"):
+        args = fp32_args(prepared, fp32_config(tmp_path, config), tmp_path / config, steps=6)
+        run_stage("pretrain.py", [*args, "--save-interval", "0"])
         curves[config] = losses(tmp_path / config)
-        assert len(curves[config]) == 6 and curves[config][-1] < curves[config][0]
+    for curve in curves.values():
+        assert len(curve) == 6 and curve[-1] < curve[0]
     for curve in curves.values():
         assert curve == pytest.approx(curves["zero0.json"], abs=1e-3), curves
 
@@ -106,12 +119,14 @@ def test_offload_trains(prepared, tmp_path):
     assert len(curve) == 6 and curve[-1] < curve[0]
 
 
-def test_resume_continues_the_uninterrupted_loss_curve(zero2_run, prepared, tmp_path):
-    # The same schedule as the uninterrupted zero2_run; this run stops at step 6, then resumes.
-    fixed = fast_config("zero2.json", tmp_path, total_num_steps=STEPS, warmup_num_steps=2)
+def test_resume_continues_the_uninterrupted_loss_curve(zero2_run, two_node_run, prepared, tmp_path):
+    # The two-node run is zero2_run's schedule stopped at step 6 (its final checkpoint); extended here to 12 steps
+    # on one node, it continues the uninterrupted curve.
+    import shutil
+
     part = tmp_path / "part"
-    pretrain(prepared, part, fixed, steps=6)
-    r = pretrain(prepared, part, fixed)
+    shutil.copytree(two_node_run, part)
+    r = pretrain(prepared, part, fast_config("zero2.json", tmp_path, total_num_steps=STEPS, warmup_num_steps=2))
     assert "resumed from" in r.stdout and "at step 6" in r.stdout
     assert losses(part) == pytest.approx(losses(zero2_run), abs=1e-6)
 
@@ -140,9 +155,10 @@ def test_masked_lm_trains_and_exports(prepared, tmp_path):
     assert AutoModelForMaskedLM.from_pretrained(run / "hf").config.model_type == "bert"
 
 
-def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path):
-    r = pretrain(prepared, tmp_path / "dry", config_path("zero2.json"), ranks=0, extra=["--dry-run"])
-    assert "train_batch_size" in r.stdout and "parameters" in r.stdout
+def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path, monkeypatch, capsys):
+    code, out, _ = pretrain_in_process(pretrain_args(prepared, tmp_path / "dry", config_path("zero2.json"),
+                                                     extra=["--dry-run"]), monkeypatch, capsys)
+    assert code == 0 and "train_batch_size" in out and "parameters" in out
     assert not (tmp_path / "dry").exists()
 
 
@@ -151,16 +167,18 @@ def test_dry_run_prints_batch_arithmetic_without_training(prepared, tmp_path):
     (["--seq-length", "4096"], "above the model's maximum"),
     (["--objective", "mlm"], "trains with --objective clm"),
 ])
-def test_bad_input_fails_before_start(prepared, tmp_path, extra, message):
-    r = pretrain(prepared, tmp_path / "bad", config_path("zero2.json"), ranks=0, extra=extra, check=False)
-    assert r.returncode != 0 and message in r.stderr
+def test_bad_input_fails_before_start(prepared, tmp_path, monkeypatch, capsys, extra, message):
+    args = pretrain_args(prepared, tmp_path / "bad", config_path("zero2.json"), extra=extra)
+    code, _, err = pretrain_in_process(args, monkeypatch, capsys)
+    assert code != 0 and message in err
     assert not (tmp_path / "bad").exists()
 
 
-def test_missing_data_folder_is_a_clear_error(tmp_path):
-    r = run_stage("pretrain.py", ["--data", str(tmp_path / "nope"), "--deepspeed_config", config_path("zero0.json"),
-                                  "--output", str(tmp_path / "run"), "--train-steps", "1"], ranks=0, check=False)
-    assert r.returncode == 2 and "prepare it first" in r.stderr
+def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    args = ["--data", str(tmp_path / "nope"), "--deepspeed_config", config_path("zero0.json"),
+            "--output", str(tmp_path / "run"), "--train-steps", "1"]
+    code, _, err = pretrain_in_process(args, monkeypatch, capsys)
+    assert code == 2 and "prepare it first" in err
 
 
 def test_non_finite_loss_stops_the_run_with_the_step(prepared, tmp_path):
@@ -174,19 +192,17 @@ def test_non_finite_loss_stops_the_run_with_the_step(prepared, tmp_path):
     assert not (tmp_path / "nan" / "summary.json").exists()
 
 
-def test_export_tool_writes_any_checkpoint_as_hf(zero2_run, tmp_path):
-    import subprocess
-    import sys
-
+def test_export_tool_writes_any_checkpoint_as_hf(zero2_run, tmp_path, monkeypatch):
+    # The tools' __main__ in this process (their command lines in subprocesses: tests/test_convert_checkpoint.py).
     import torch
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "step6"
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_checkpoint.py"), str(zero2_run),
-                    "--tag", "global_step6", "--output", str(out)], check=True, capture_output=True)
+    assert run_as_main("tools/export_checkpoint.py", [str(zero2_run), "--tag", "global_step6", "--output", str(out)],
+                       monkeypatch) == 0
     final = tmp_path / "step12"  # the same through convert_checkpoint.py, latest checkpoint
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), str(zero2_run), "--to", "hf",
-                    "--output", str(final)], check=True, capture_output=True)
+    assert run_as_main("tools/convert_checkpoint.py", [str(zero2_run), "--to", "hf", "--output", str(final)],
+                       monkeypatch) == 0
     ids = torch.arange(64).reshape(1, 64) + 10
     with torch.no_grad():
         logits = {p.name: AutoModelForCausalLM.from_pretrained(p).float()(input_ids=ids).logits
@@ -196,20 +212,22 @@ def test_export_tool_writes_any_checkpoint_as_hf(zero2_run, tmp_path):
     assert not torch.allclose(logits["step6"], logits["step12"], atol=0.1)
 
 
-def test_two_nodes_without_ssh_match_one_node(zero2_run, prepared, tmp_path):
-    """Two `deepspeed --no_ssh --node_rank I` launchers against one hostfile (loopback addresses as the
-    two nodes), 1 rank each: the same losses as the one-node 2-rank run."""
+@pytest.fixture(scope="module")
+def two_node_run(prepared, tmp_path_factory):
+    """zero2_run's config and schedule for 6 steps, by two `deepspeed --no_ssh --node_rank I` launchers against one
+    hostfile (loopback addresses as the two nodes), 1 rank each; it ends with its checkpoint of step 6."""
     import subprocess
 
     from tests.conftest import free_port
 
-    hostfile = tmp_path / "hostfile"
+    root = tmp_path_factory.mktemp("two_nodes")
+    hostfile = root / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    config = fast_config("zero2.json", tmp_path, total_num_steps=STEPS, warmup_num_steps=2)
-    port, run = free_port(), tmp_path / "two_nodes"
+    config = fast_config("zero2.json", root, total_num_steps=STEPS, warmup_num_steps=2)
+    port, run = free_port(), root / "run"
     args = ["--data", prepared, "--model", "tiny", "--deepspeed_config", config, "--output", str(run),
             "--train-steps", "6", "--seq-length", "64", "--log-interval", "1", "--eval-interval", "0",
-            "--eval-batches", "2", "--save-interval", "0", "--seed", "3"]
+            "--eval-batches", "2", "--save-interval", "6", "--seed", "3"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
                                "--master_addr", "127.0.0.1", "--master_port", str(port), "pipeline/pretrain.py", *args],
@@ -217,22 +235,25 @@ def test_two_nodes_without_ssh_match_one_node(zero2_run, prepared, tmp_path):
              for i in range(2)]
     outputs = [n.communicate(timeout=900)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert json.load(open(run / "summary.json"))["world_size"] == 2
-    assert losses(run) == pytest.approx(losses(zero2_run)[:6], abs=1e-6)
+    return run
 
 
-def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, prepared, tmp_path):
+def test_two_nodes_without_ssh_match_one_node(zero2_run, two_node_run):
+    """The two-node run: world size 2, the same losses as the one-node 2-rank run."""
+    assert json.load(open(two_node_run / "summary.json"))["world_size"] == 2
+    assert losses(two_node_run) == pytest.approx(losses(zero2_run)[:6], abs=1e-6)
+    assert open(two_node_run / "checkpoints" / "latest").read() == "global_step6"
+
+
+def test_universal_checkpoint_resumes_at_another_world_size(zero2_run, prepared, tmp_path, monkeypatch):
     """Stop a 2-rank ZeRO-2 run at step 6, convert to DeepSpeed's universal format, continue on 1 rank
     with the same global batch (micro 4 x accumulation 2): the loss curve carries on."""
     import shutil
-    import subprocess
-    import sys
 
     run = tmp_path / "run"
     shutil.copytree(zero2_run, run)
     (run / "checkpoints" / "latest").write_text("global_step6")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), str(run), "--to", "universal"],
-                   check=True, capture_output=True)
+    assert run_as_main("tools/convert_checkpoint.py", [str(run), "--to", "universal"], monkeypatch) == 0
     assert (run / "checkpoints" / "latest").read_text() == "global_step6_universal"
     ds = json.load(open(fast_config("zero2.json", tmp_path, total_num_steps=STEPS, warmup_num_steps=2)))
     ds["train_batch_size"], ds["gradient_accumulation_steps"] = 8, "auto"
