@@ -55,7 +55,10 @@ def read_inputs(path: str, text_key: str) -> Iterator[str]:
 
     if path != "-":
         fmt = detect_format(path)
-        yield from (d.text for d in read_documents([path], text_key=text_key, fmt=fmt, txt_mode="line"))
+        for doc in read_documents([path], text_key=text_key, fmt=fmt, txt_mode="line"):
+            # A .txt line comes with its line break ("\n" or Windows' "\r\n"): not part of the text, and a
+            # token of its own to the model (a decoder classifier would pool it instead of the text's last token).
+            yield doc.text.rstrip("\r\n") if fmt == "txt" else doc.text
         return
     for lineno, line in enumerate(sys.stdin, 1):
         if not line.strip():
@@ -70,7 +73,7 @@ def read_inputs(path: str, text_key: str) -> Iterator[str]:
                     raise InputError("<stdin>", lineno, f"no string under key {text_key!r}; choose it with --text-key")
                 yield record[text_key]
                 continue
-        yield line.rstrip("\n")
+        yield line.rstrip("\r\n")
 
 
 def batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
