@@ -34,7 +34,8 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 if __package__ in (None, ""):  # `deepspeed pipeline/compress.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,8 +53,9 @@ class Args:
                                 metavar="JSON")
     output: str = arg(help="the run folder; rerunning with the same folder resumes from its last checkpoint",
                       required=True, metavar="RUN")
-    task: str = arg("lm", help="lm: a language model on prepared token shards (--data); classify: a text classifier "
-                               "on labelled files (--train/--valid/--test)", choices=["lm", "classify"])
+    task: str = arg(help="lm: a language model on prepared token shards (--data); classify: a text classifier "
+                         "on labelled files (--train/--valid/--test) (default: classify when --train, --valid or --test is "
+                         "given without --data, else lm)", choices=["lm", "classify"])
     data: list[str] = arg(help="lm: prepared data folders (pipeline.prepare output)", metavar="DIR")
     seq_length: int = arg(256, help="lm: tokens per window")
     train: str = arg(help="classify: training file (jsonl, csv/tsv, parquet, HF dataset folder)", metavar="F")
@@ -61,7 +63,11 @@ class Args:
     test: str = arg(help="classify: test file; gives test_accuracy_before/_after", metavar="F")
     text_key: str = arg("text", help="classify: the field holding the text")
     label_key: str = arg("label", help="classify: the field holding the label")
-    max_length: int = arg(help="classify: tokens per example (default: 512 or the model's maximum)")
+    max_length: int = arg(help="classify: tokens per example (default: the --max-length the classifier was finetuned "
+                               "with, as its tokenizer records it; else 512 or the model's maximum)")
+    unseen_labels: str = arg("error", help="classify: a valid/test label that the training data lacks stops the run "
+                                           "(error) or its examples are left out (drop), as in pipeline.finetune",
+                             choices=["error", "drop"])
     train_steps: int = arg(0, help="optimizer steps of compression training (also the LR schedule's length when the "
                                    "JSON says \"auto\"); 0 only for post-training quantization")
     seed: int = arg(1234, help="seed for data order, masking and dropout")
@@ -82,6 +88,9 @@ class Args:
 def check_args(args: Args) -> None:
     """Flag errors that need no data and no process group."""
     check_output_folder(args.output)
+    if args.task is None:  # finetune's data flags alone (--train/--valid/--test) say it is a classifier
+        given_classify = args.train is not None or args.valid is not None or args.test is not None
+        args.task = "classify" if given_classify and not args.data else "lm"
     for name in ("seq_length", "log_interval", "eval_batches", "keep_checkpoints", "latency_repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -92,6 +101,8 @@ def check_args(args: Args) -> None:
     wrong = [f for f in (classify_flags if args.task == "lm" else lm_flags) if getattr(args, f) is not None]
     if wrong:
         raise ValueError(f"--{wrong[0].replace('_', '-')} does not apply to --task {args.task}")
+    if args.task == "lm" and args.unseen_labels != "error":
+        raise ValueError("--unseen-labels applies to --task classify only")
     if args.task == "lm" and not args.data:
         raise ValueError("--task lm needs --data DIR (a prepared data folder)")
     if args.task == "classify" and (args.train is None or args.valid is None):
@@ -106,6 +117,7 @@ class Inputs:
     tokenizer: object        # saved with the outputs
     make_task: object        # (engine, dp_rank, dp_size) -> a pipeline.training Task
     model_config: object
+    warnings: list[str] = field(default_factory=list)  # about the data (truncated, dropped), printed once at the start
 
 
 def load_inputs(args: Args) -> Inputs:
@@ -150,7 +162,8 @@ def _classify_inputs(args: Args) -> Inputs:
 
     fargs = finetune.Args(task="classify", train=args.train, valid=args.valid, test=args.test, init=args.init,
                           deepspeed_config=args.deepspeed_config, output=args.output, text_key=args.text_key,
-                          label_key=args.label_key, max_length=args.max_length, seed=args.seed)
+                          label_key=args.label_key, max_length=args.max_length or finetuned_max_length(args.init),
+                          unseen_labels=args.unseen_labels, seed=args.seed)
     data = finetune.load_data(fargs)
     if not any(a.endswith("ForSequenceClassification") for a in (data.model_config.architectures or [])):
         raise ValueError(f"--init {args.init} is not a sequence classifier ({data.model_config.architectures}); "
@@ -167,7 +180,25 @@ def _classify_inputs(args: Args) -> Inputs:
     def make_task(engine, dp_rank: int, dp_size: int):
         return finetune.ClassifyTask(data, engine, dp_rank, dp_size, args.seed, None)
 
-    return Inputs(model, data.tokenizer, make_task, model.config)
+    return Inputs(model, data.tokenizer, make_task, model.config, data.warnings)
+
+
+def finetuned_max_length(init: str) -> int | None:
+    """The --max-length a pipeline.finetune classifier was trained with: its export records it as the tokenizer's
+    model_max_length (where predict truncates too). None when the folder records no usable one (transformers
+    writes a huge number for "no limit"), or one beyond the model's positions."""
+    from pipeline.models import max_positions
+
+    try:
+        with open(os.path.join(init, "tokenizer_config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("model_max_length")
+        with open(os.path.join(init, "config.json"), encoding="utf-8") as f:
+            limit = max_positions(SimpleNamespace(**json.load(f)))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= (limit or 10**6):
+        return None
+    return value
 
 
 def load_compression(path: str):
@@ -291,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    output_dir=args.output, accelerator=accelerator,
                                                    source=args.deepspeed_config)
     inputs = load_inputs(args)
+    warnings += inputs.warnings
     student = copy.deepcopy(inputs.model)
     compressor = prepare(student, compression)  # pattern and ratio errors name the config key
     for method in compression.grouped:
