@@ -258,11 +258,15 @@ def main(argv: list[str] | None = None) -> dict:
     limit = max_positions(model_config)
     if limit is not None and args.seq_length > limit:
         raise ValueError(f"--seq-length {args.seq_length} is above the model's maximum of {limit} positions")
+    from pipeline.data.packing import check_windows
+
+    window_warnings = check_windows(args.data, args.seq_length, tokenizer.eos_id)
     if args.objective == "mlm" and tokenizer.mask_id is None:
         raise ValueError(f"--objective mlm needs a mask token; the tokenizer of {args.data[0]} has none")
     ds_config, warnings = dsconf.resolve_ds_config(dsconf.load_ds_config(args.deepspeed_config), world_size=world_size,
                                                    train_steps=args.train_steps, output_dir=args.output,
                                                    accelerator=accelerator, source=args.deepspeed_config)
+    warnings += window_warnings
     if dsconf.pipeline_stages_of(ds_config) > 1:
         if args.compile:
             raise ValueError(f"--compile does not apply to a pipelined model ({args.deepspeed_config} has a pipeline "

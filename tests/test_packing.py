@@ -80,3 +80,22 @@ def test_mlm_masking_rule():
     unchanged = (inputs[chosen] == ids[chosen]).mean()
     assert abs(as_mask - 0.8) < 0.01 and 0.09 < unchanged < 0.12  # 10% kept (+ random hits of the same id)
     assert (inputs[~chosen] == ids[~chosen]).all()
+
+
+def test_check_windows_before_training(tmp_path):
+    from pipeline.data.packing import check_windows
+
+    a, b = mkdir(tmp_path / "a"), mkdir(tmp_path / "b")
+    for folder, valid in ((a, [[1, 2]]), (b, [[1, 2, 3, 4, 5, 6, 7]])):  # valid: 3 and 8 tokens with the EOS
+        make_split(folder, [list(range(20))], "train")  # 21 tokens
+        make_split(folder, valid, "valid")
+        make_split(folder, [], "test")
+    assert check_windows([str(a), str(b)], 8, EOS) == [
+        "the test split has fewer tokens (documents and their EOS) than one window of --seq-length 8 "
+        f"({a}/test.bin: 0, {b}/test.bin: 0): no test loss, summary.json test_loss is null; lower --seq-length, "
+        "or prepare with a larger --test-fraction"]  # b's valid split holds a window: the valid loss is measured
+    warnings = check_windows([str(a)], 8, EOS)
+    assert len(warnings) == 2 and "no valid loss, summary.json eval_loss is null" in warnings[0]
+    assert [w.split(" split")[0] for w in check_windows([str(a), str(b)], 3, EOS)] == ["the test"]
+    with pytest.raises(ValueError, match=f"{a}/train.bin: 21 tokens .*, fewer than one window of --seq-length 32"):
+        check_windows([str(a), str(b)], 32, EOS)

@@ -51,6 +51,26 @@ class PackedWindows:
         return out
 
 
+def check_windows(folders: list[str], seq_length: int, eos_id: int) -> list[str]:
+    """Before any process group starts: every folder's train split must hold one `seq_length` window (else a
+    ValueError, the one BlendedSampler would raise later); when the valid or test splits of all folders hold
+    none, that split is evaluated on nothing and its loss is null in summary.json: one warning each, saying why."""
+    warnings = []
+    for split in ("train", "valid", "test"):
+        packed = [PackedWindows(TokenShards(folder, split), seq_length, eos_id) for folder in folders]
+        short = [p for p in packed if len(p) == 0]
+        if split == "train" and short:
+            raise ValueError(f"{short[0].shards.bin_path}: {short[0].stream_length} tokens (documents and their EOS), "
+                             f"fewer than one window of --seq-length {seq_length}; lower --seq-length or add data")
+        if split != "train" and len(short) == len(packed):
+            tokens = ", ".join(f"{p.shards.bin_path}: {p.stream_length}" for p in packed)
+            warnings.append(f"the {split} split has fewer tokens (documents and their EOS) than one window of "
+                            f"--seq-length {seq_length} ({tokens}): no {split} loss, summary.json "
+                            f"{'eval' if split == 'valid' else 'test'}_loss is null; lower --seq-length, or prepare "
+                            f"with a larger --{split}-fraction")
+    return warnings
+
+
 class BlendedSampler:
     """The global sample order over several packed datasets, by weight, shuffled per epoch.
 
