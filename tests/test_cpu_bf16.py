@@ -46,20 +46,57 @@ def test_fp32_passes_through_unchanged():
     assert torch.equal(out, F.linear(x, w))
 
 
-def test_model_hooks_only_on_cpus_without_native_bf16(monkeypatch):
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-    monkeypatch.setattr(cpu_bf16, "cpu_lacks_native_bf16", lambda: False)
-    assert cpu_bf16.use_fp32_kernels_for_bf16(model) is model and not model._forward_pre_hooks
-    monkeypatch.setattr(cpu_bf16, "cpu_lacks_native_bf16", lambda: True)
+def test_model_hooks_divert_linears_only_on_cpus_without_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu_bf16.use_fp32_kernels_for_bf16(model)
     seen = []
     original = cpu_bf16._LinearInFp32.apply
     monkeypatch.setattr(cpu_bf16._LinearInFp32, "apply", lambda *a: seen.append(1) or original(*a))
     x = torch.randn(2, 8)
-    assert torch.equal(model(x), model[1](model[0](x)))  # fp32 parameters: nothing diverted
-    assert not seen
-    model.bfloat16()  # as DeepSpeed's bf16 mode casts it, in place
-    out = model(x.bfloat16())
-    assert out.dtype == torch.bfloat16 and len(seen) == 2
-    assert not torch.overrides._get_current_function_mode_stack()  # the mode is left after forward
+    for native in (True, False):
+        monkeypatch.setattr(cpu_bf16, "cpu_lacks_native_bf16", lambda native=native: not native)
+        model = cpu_bf16.use_fp32_kernels_for_bf16(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)))
+        assert torch.equal(model(x), model[1](model[0](x)))  # fp32 parameters: nothing diverted
+        assert not seen
+        model.bfloat16()  # as DeepSpeed's bf16 mode casts it, in place
+        out = model(x.bfloat16())
+        assert out.dtype == torch.bfloat16 and len(seen) == (0 if native else 2)
+        assert not torch.overrides._get_current_function_mode_stack()  # the mode is left after forward
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = torch.nn.Linear(8, 8)
+    assert cpu_bf16.use_fp32_kernels_for_bf16(model) is model and not model._forward_pre_hooks
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):  # (B, H, T, D=8)
+        return F.scaled_dot_product_attention(self.proj(x), x, x, is_causal=True)
+
+
+def test_short_attention_only_on_fp32_kernels_on_a_native_bf16_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_bf16, "cpu_lacks_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(0)
+    model = cpu_bf16.use_fp32_kernels_for_bf16(Attention()).bfloat16()
+    assert "forward" not in vars(model.proj)  # the linear keeps torch's bf16 kernel
+    upcast = []
+    original = cpu_bf16._upcast
+    monkeypatch.setattr(cpu_bf16, "_upcast", lambda v: upcast.append(1) or original(v))
+    x = torch.randn(2, 2, 6, 8).bfloat16()  # T x head size 48: short
+    out = model(x)
+    q = model.proj(x)  # outside the model's forward: no mode, torch's bf16 linear
+    ref = F.scaled_dot_product_attention(q.float(), x.float(), x.float(), is_causal=True).bfloat16()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref) and upcast
+    assert not torch.overrides._get_current_function_mode_stack()
+    monkeypatch.setattr(cpu_bf16, "FP32_ATTENTION_MAX", 47)  # now above it: torch's bf16 kernels
+    upcast.clear()
+    assert torch.equal(model(x), F.scaled_dot_product_attention(q, x, x, is_causal=True)) and not upcast
+
+
+def test_short_attention_rule_takes_the_longer_of_query_and_key():
+    q, k = torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 256, 64)  # one query (decoding) against 256 keys
+    assert cpu_bf16._short_attention((q, k, k), {})
+    assert not cpu_bf16._short_attention((q, torch.zeros(1, 1, 257, 64)), {})
+    assert cpu_bf16._short_attention((), {"query": k, "key": q, "value": q})

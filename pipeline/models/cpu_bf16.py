@@ -1,4 +1,5 @@
-"""bf16 matrix products on a CPU without native bf16 (no AVX512-BF16, no AMX): done by fp32 kernels.
+"""bf16 matrix products on fp32 kernels where torch's bf16 ones are slow: all of them on a CPU without native
+bf16 (no AVX512-BF16, no AMX), short attention on one with it.
 
 On such a CPU PyTorch's bf16 GEMM and bf16 SDPA fall back to slow generic code. Measured on the
 2-core AVX2 test machine, one thread, on the `tiny` preset's shapes: a bf16 matmul runs at ~2 GFLOP/s
@@ -11,7 +12,7 @@ rounding the result to bf16 computes the same numbers (up to summation order) at
 activations and gradients stay bf16, as the DeepSpeed JSON says; only the arithmetic moves.
 
 `use_fp32_kernels_for_bf16(model)` does this for one model, and only where it pays: tensors that are
-bf16 and on the CPU, on a CPU without native bf16 (elsewhere it installs nothing). Its `nn.Linear`
+bf16 and on the CPU, on a CPU without native bf16 (on a GPU it installs nothing). Its `nn.Linear`
 layers call `_LinearInFp32` from their own forward (ZeRO-3 replaces `torch.nn.functional.linear` by its
 memory-efficient linear, whose backward would run torch's bf16 GEMM; `_LinearInFp32` saves the same
 tensors, the bf16 input and the parameter itself, so ZeRO-3 still frees the gathered weight after
@@ -19,6 +20,20 @@ forward). Everything else goes through a TorchFunctionMode that is active while 
 modules runs forward, so it covers the whole model, a pipeline stage's layers and the forward
 recomputed by activation checkpointing, for every architecture (GPT-2's `torch.addmm`, SDPA, eager
 attention's `matmul`, a functional `F.linear`).
+
+On a CPU with native bf16 (AMX, AVX512-BF16) the matrix products stay on torch's bf16 kernels, but torch's
+bf16 flash-attention backward carries a fixed cost per (batch, head) that dominates when a head's rows are
+short. Causal SDPA forward + backward at (batch 4, heads 256 / head size, T, head size), bf16 time over the
+time with fp32 kernels (operands upcast, result rounded to bf16), one thread of a 2-core AMX Xeon, torch 2.13:
+
+    head size   T x head size <= 16384: fp32 kernels faster      above: bf16 kernels as fast or faster
+    32          T 64: 4.5x, 128: 3.4x, 256: 1.6x, 512: 1.2x      T 768: 1.05x
+    64          T 64: 2.9x, 128: 2.3x, 192: 1.2x, 256: 1.1x      T 384: 0.87x, 512: 0.82x, 768: 0.69x
+    128         T 64: 1.9x, 128: 1.5x                            T 192: 0.87x, 256: 0.68x, 768: 0.52x
+
+So there, SDPA on bf16 tensors runs on fp32 kernels when (longest of query and key length) x head size is
+at most FP32_ATTENTION_MAX (a fixed rule, not a timing made per run: two runs of one command compute the same
+numbers). The `tiny` preset at sequence 256 (T x head size 8192) trains ~1.1-1.2x faster per step for it.
 """
 from __future__ import annotations
 
@@ -78,11 +93,32 @@ def _round(value):
     return value
 
 
+# On a CPU with native bf16: the largest (query or key length) x head size at which SDPA runs on fp32 kernels.
+FP32_ATTENTION_MAX = 16384
+
+
+def _short_attention(args, kwargs) -> bool:
+    """SDPA's (B, H, T, D) operands: whether max(T_query, T_key) x D <= FP32_ATTENTION_MAX."""
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs["key"]
+    return max(q.shape[-2], k.shape[-2]) * q.shape[-1] <= FP32_ATTENTION_MAX
+
+
 class Fp32KernelsForBf16(TorchFunctionMode):
-    """While active: bf16 CPU matrix products (see UPCAST and F.linear) run in fp32, results in bf16."""
+    """While active: bf16 CPU matrix products (see UPCAST and F.linear) run in fp32, results in bf16; with
+    `attention_only`, SDPA alone and only short attention (a CPU with native bf16, where the rest is fast)."""
+
+    def __init__(self, attention_only: bool = False):
+        super().__init__()
+        self.attention_only = attention_only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.attention_only:
+            if (func is F.scaled_dot_product_attention and any(_is_cpu_bf16(a) for a in (*args, *kwargs.values()))
+                    and _short_attention(args, kwargs)):
+                return _round(func(*_upcast(args), **{k: _upcast(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
         if func is F.linear and _is_cpu_bf16(args[0]):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -108,11 +144,12 @@ def cpu_lacks_native_bf16() -> bool:
 
 
 def use_fp32_kernels_for_bf16(model: torch.nn.Module) -> torch.nn.Module:
-    """Make `model`'s bf16 CPU matrix products use fp32 kernels (see the module docstring); a no-op,
-    returning the model untouched, on a CPU with native bf16 or when the model never runs on a CPU."""
-    if not cpu_lacks_native_bf16() or torch.cuda.is_available():
+    """Make `model`'s bf16 CPU matrix products use fp32 kernels (see the module docstring): all of them on a
+    CPU without native bf16, short attention only on one with it. A no-op, returning the model untouched, when
+    the model never runs on a CPU."""
+    if torch.cuda.is_available():
         return model
-    mode = Fp32KernelsForBf16()
+    mode = Fp32KernelsForBf16(attention_only=not cpu_lacks_native_bf16())
     depth = [0, False]  # modules nest: the outermost forward enters the mode (when bf16), its return leaves it
 
     def enter(module, args):
@@ -130,7 +167,7 @@ def use_fp32_kernels_for_bf16(model: torch.nn.Module) -> torch.nn.Module:
             depth[1] = False
 
     for module in model.modules():
-        if type(module).forward is torch.nn.Linear.forward:
+        if not mode.attention_only and type(module).forward is torch.nn.Linear.forward:
             module.forward = types.MethodType(_linear_forward, module)
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave, always_call=True)  # also when forward raises
