@@ -1,6 +1,7 @@
 """tools/benchmark.py's arithmetic: the FLOP counter against hand counts, the ceiling's GEMM list against the
 counter, and which shapes, layouts and dtypes the ceiling measures. No timing is asserted."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -83,12 +84,15 @@ def test_time_gemms_counts_every_gemm_once_per_occurrence():
 
 
 def test_run_kernels():
-    assert set(benchmark.run_kernels("fp32", native_bf16=False).values()) == {"fp32"}
+    fp32 = benchmark.run_kernels("fp32", native_bf16=False)
+    assert set(fp32.values()) == {"fp32"} and "hf_trainer_same_kernels" not in fp32  # it would repeat hf_trainer
     emulated = benchmark.run_kernels("bf16", native_bf16=False)
     assert emulated["ours"] == emulated["ours_compile"] == emulated["ours_1p"] == "bf16-via-fp32"  # cpu_bf16.py
     assert set(emulated) == set(benchmark.RUNS)
     assert emulated["hf_trainer"] == emulated["torch_1p"] == "bf16"
-    assert set(benchmark.run_kernels("bf16", native_bf16=True).values()) == {"bf16"}
+    assert emulated["hf_trainer_same_kernels"] == "bf16-via-fp32"
+    native = benchmark.run_kernels("bf16", native_bf16=True)
+    assert set(native.values()) == {"bf16"} and "hf_trainer_same_kernels" not in native
 
 
 def test_quick_defaults_and_explicit_flags_win():
@@ -130,3 +134,29 @@ def test_report_gpu_section_and_separately_measured_sections(tmp_path):
     assert "measured separately, by `python tools/benchmark.py --sections launch` (earlier)" in text
     benchmark.write_report(str(path), report_results())
     assert "## On a GPU\n\nNot measured yet" in path.read_text()
+
+
+def test_report_throughput_ratios_at_equal_kernels(tmp_path):
+    row = {"tokens_per_sec": [100.0], "median": 100.0, "gflops": 1.0, "kernel": "bf16", "processes": 2, "mfu": 0.5}
+    bf16 = {"runs": {"ours": row, "hf_trainer": row}, "flops_per_token": 1e6, "ceilings_gflops": {"bf16 x2": 2.0},
+            "load": [1, 2], "ours_vs_hf_trainer": 6.0, "ours_compile_vs_hf_trainer": 7.0, "ours_compile_vs_ours": 1.2,
+            "ours_1p_vs_torch_1p": 5.0}
+    path = tmp_path / "report.md"
+    results = report_results(throughput={"bf16": bf16}, model="tiny", config="c.json", seq_length=8, micro_batch=1)
+    benchmark.write_report(str(path), results)
+    assert "ours / HF Trainer (2 ranks, ZeRO from the JSON): **6.00x** (target >= 1.25x)" in path.read_text()
+    assert "at equal matmul kernels" not in path.read_text()  # a native bf16 CPU, or a report from before
+    bf16.update(ours_vs_hf_trainer_same_kernels=1.1, ours_compile_vs_hf_trainer_same_kernels=1.3)
+    benchmark.write_report(str(path), results)
+    assert "`tools/peer_with_our_kernels.py`): ours **1.10x**, with `--compile` **1.30x**" in path.read_text()
+
+
+@pytest.mark.slow
+def test_peer_wrapper_hands_the_peer_its_arguments_and_patches_model_building(tmp_path):
+    peer = tmp_path / "peer.py"
+    peer.write_text("import sys\nfrom transformers import AutoModelForCausalLM\n"
+                    "print('ARGV', sys.argv[1:], type(AutoModelForCausalLM.from_config).__name__)\n")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "peer_with_our_kernels.py"), "--local_rank=1",
+                          str(peer), "--steps", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ARGV ['--steps', '3', '--local_rank=1'] function" in out.stdout  # a bound classmethod before

@@ -56,8 +56,8 @@ sys.path.insert(0, REPO)
 
 SECTIONS = ("throughput", "memory", "launch", "prepare")
 MEMORY_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
-RUNS = ("ours", "ours_compile", "hf_trainer", "ours_1p", "torch_1p")
-MULTI_RANK = ("ours", "ours_compile", "hf_trainer")
+RUNS = ("ours", "ours_compile", "hf_trainer", "hf_trainer_same_kernels", "ours_1p", "torch_1p")
+MULTI_RANK = ("ours", "ours_compile", "hf_trainer", "hf_trainer_same_kernels")
 
 # The kernels a run's matrix products use, per precision. On a CPU without native bf16, ours runs its bf16
 # products on fp32 kernels (pipeline/models/cpu_bf16.py); the peers use torch's bf16 GEMM.
@@ -66,11 +66,16 @@ KERNELS = {"fp32": "fp32 operands, fp32 GEMM", "bf16": "bf16 operands, torch's b
 
 
 def run_kernels(precision: str, native_bf16: bool) -> dict[str, str]:
-    """The kernel (a KERNELS key) each throughput run's matmuls use at this precision."""
+    """The throughput runs at this precision, each with the kernel (a KERNELS key) its matmuls use. The HF
+    Trainer with our kernels (tools/peer_with_our_kernels.py) runs only where they differ from torch's: bf16
+    on a CPU without native bf16; elsewhere it would repeat the hf_trainer run."""
     if precision == "fp32":
-        return {name: "fp32" for name in RUNS}
-    ours = "bf16" if native_bf16 else "bf16-via-fp32"
-    return {"ours": ours, "ours_compile": ours, "ours_1p": ours, "hf_trainer": "bf16", "torch_1p": "bf16"}
+        return {name: "fp32" for name in RUNS if name != "hf_trainer_same_kernels"}
+    if native_bf16:
+        return {name: "bf16" for name in RUNS if name != "hf_trainer_same_kernels"}
+    ours = "bf16-via-fp32"
+    return {"ours": ours, "ours_compile": ours, "ours_1p": ours, "hf_trainer": "bf16", "hf_trainer_same_kernels": ours,
+            "torch_1p": "bf16"}
 
 
 # ---------------------------------------------------------------- FLOPs and the matmul ceiling
@@ -339,11 +344,12 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
     results = {}
     for precision, ds_config in configs.items():
         kernels = run_kernels(precision, native)
-        tokens = {name: [] for name in RUNS}
+        runs = tuple(kernels)
+        tokens = {name: [] for name in runs}
         ceilings = {(k, p): [] for k in set(kernels.values()) for p in (1, args.ranks)}
         loads = len(bench.loads)
         for r in range(args.rounds):
-            for name in RUNS if r % 2 == 0 else RUNS[::-1]:
+            for name in runs if r % 2 == 0 else runs[::-1]:
                 label = f"{precision}_{name}_{r}"
                 out = os.path.join(bench.work, label)
                 if name in ("ours", "ours_compile", "ours_1p"):
@@ -354,11 +360,13 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
                            else [sys.executable, "-m", "pipeline.pretrain", *a])
                     bench.execute(cmd, label)
                     value = json.load(open(os.path.join(out, "summary.json")))["tokens_per_sec"]
-                elif name == "hf_trainer":
-                    cmd = bench.launcher(args.ranks, os.path.join(PEERS, "hf_trainer_baseline.py"),
-                                         ["--model-config", model_config, "--deepspeed-config", ds_config,
-                                          "--seq-length", str(args.seq_length), "--steps", str(args.steps),
-                                          "--warmup", str(args.warmup)])
+                elif name in ("hf_trainer", "hf_trainer_same_kernels"):
+                    peer = [os.path.join(PEERS, "hf_trainer_baseline.py"), "--model-config", model_config,
+                            "--deepspeed-config", ds_config, "--seq-length", str(args.seq_length),
+                            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                    if name == "hf_trainer_same_kernels":
+                        peer.insert(0, os.path.join(REPO, "tools", "peer_with_our_kernels.py"))
+                    cmd = bench.launcher(args.ranks, peer[0], peer[1:])
                     value = result_line(bench.execute(cmd, label)["output"])["tokens_per_sec"]
                 else:
                     cmd = bench.launcher(0, os.path.join(PEERS, "torch_baseline.py"),
@@ -375,20 +383,23 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
                 f"{k} x{p}: {v[-1] / 1e9:.1f} GFLOP/s" for (k, p), v in ceilings.items()), flush=True)
         med = {name: statistics.median(v) for name, v in tokens.items()}
         ceiling = {key: statistics.median(v) for key, v in ceilings.items()}
-        runs = {}
-        for name in RUNS:
+        rows = {}
+        for name in runs:
             processes = args.ranks if name in MULTI_RANK else 1
             achieved = med[name] * flops_per_token
-            runs[name] = {"tokens_per_sec": tokens[name], "median": med[name], "gflops": achieved / 1e9,
+            rows[name] = {"tokens_per_sec": tokens[name], "median": med[name], "gflops": achieved / 1e9,
                           "kernel": kernels[name], "processes": processes,
                           "ceiling_gflops": ceiling[(kernels[name], processes)] / 1e9,
                           "mfu": achieved / ceiling[(kernels[name], processes)]}
         results[precision] = {
-            "config": ds_config, "runs": runs, "flops_per_token": flops_per_token,
+            "config": ds_config, "runs": rows, "flops_per_token": flops_per_token,
             "ours_vs_hf_trainer": med["ours"] / med["hf_trainer"],
             "ours_compile_vs_hf_trainer": med["ours_compile"] / med["hf_trainer"],
             "ours_compile_vs_ours": med["ours_compile"] / med["ours"],
             "ours_1p_vs_torch_1p": med["ours_1p"] / med["torch_1p"],
+            **({"ours_vs_hf_trainer_same_kernels": med["ours"] / med["hf_trainer_same_kernels"],
+                "ours_compile_vs_hf_trainer_same_kernels": med["ours_compile"] / med["hf_trainer_same_kernels"]}
+               if "hf_trainer_same_kernels" in med else {}),
             "ceilings_gflops": {f"{k} x{p}": v / 1e9 for (k, p), v in ceiling.items()},
             "load": load_range(bench.loads[loads:]),
         }
@@ -719,12 +730,16 @@ def write_report(path: str, r: dict) -> None:
                 lines.append(f"| {name} | {row['processes']} | {row['kernel']} | "
                              f"{', '.join(f'{v:,.0f}' for v in row['tokens_per_sec'])} | {row['median']:,.0f} | "
                              f"{row['gflops']:.1f} | {row['mfu']:.1%} |")
-            target = "target >= 1.25x" if precision == "bf16" else "no target: the frameworks alone, same kernels"
+            target = "target >= 1.25x" if precision == "bf16" else "no target"
             lines += ["", f"- ours / HF Trainer ({r['ranks']} ranks, ZeRO from the JSON): "
                           f"**{t['ours_vs_hf_trainer']:.2f}x** ({target})"]
             if "ours_compile_vs_hf_trainer" in t:  # reports of runs before ours_compile existed lack it
                 lines += [f"- ours with `--compile` / HF Trainer: **{t['ours_compile_vs_hf_trainer']:.2f}x**; "
                           f"with / without `--compile`: {t['ours_compile_vs_ours']:.2f}x"]
+            if "ours_vs_hf_trainer_same_kernels" in t:
+                lines += [f"- at equal matmul kernels (the HF Trainer given ours, `tools/peer_with_our_kernels.py`): "
+                          f"ours **{t['ours_vs_hf_trainer_same_kernels']:.2f}x**, with `--compile` "
+                          f"**{t['ours_compile_vs_hf_trainer_same_kernels']:.2f}x**"]
             lines += [f"- ours in one process / the plain torch loop: **{t['ours_1p_vs_torch_1p']:.2f}x** "
                       f"(target >= 0.90x)", ""] + measured_separately(t)
         lines += ["Kernels: " + "; ".join(f"`{k}`: {v}" for k, v in KERNELS.items()) + ".", ""]
