@@ -14,6 +14,8 @@ Sections (--sections):
                 ours_compile  the same with --compile (torch.compile, inductor; the compile happens in
                             the first step, left out)
                 hf_trainer  deepspeed --num_gpus R hf_trainer_baseline.py  (HF Trainer + DeepSpeed, same JSON)
+                hf_trainer_same_kernels  the same run given our bf16 kernels (tools/peer_with_our_kernels.py);
+                            only in bf16 on a CPU without native bf16, where ours and torch's kernels differ
                 ours_1p     python -m pipeline.pretrain  (one process, same JSON)
                 torch_1p    python torch_baseline.py  (one process, plain PyTorch loop; bf16 = autocast)
               Every process gets the same thread count (--threads, default cores / ranks).
@@ -656,24 +658,35 @@ CAVEATS = """\
   by 10-30% between rounds, and a 2-thread process is hit hardest (an OpenMP parallel region waits for its
   slowest thread: with one core busy elsewhere, a 131k-element multiply measured 0.03 ms on 1 thread and
   0.4-8 ms on 2).
-- bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): torch's bf16 GEMM and SDPA run slow generic code.
-  `pipeline.pretrain` computes its bf16 matrix products with fp32 kernels on such a CPU
-  (pipeline/models/cpu_bf16.py: bf16 operands, exact fp32 products and accumulation, bf16 result, the numbers
-  a native bf16 GEMM gives); the HF Trainer and the torch loop use torch's bf16 kernels. The bf16 ratios
-  therefore measure that kernel choice as much as the framework; on a GPU or an AMX CPU they do not carry over.
-  The fp32 rows compare the frameworks alone.
+- bf16 kernels. On a CPU with native bf16 (AMX or AVX512-BF16) every run uses torch's bf16 GEMM; `pipeline.pretrain`
+  differs in one kernel choice (pipeline/models/cpu_bf16.py): attention whose sequence x head size is at most
+  16384 runs on fp32 kernels, because torch's bf16 flash-attention backward has a fixed cost per (batch, head)
+  that dominates short rows (causal forward + backward at `tiny`'s (4, 4, 256, 32): 17.5 ms in bf16, 10.8 ms
+  on fp32 kernels; one thread, 2026-12-06); the peers use torch's bf16 flash attention. On a CPU without native
+  bf16, torch's bf16 GEMM and SDPA are slow generic code, and `pipeline.pretrain` runs all its bf16 matrix
+  products on fp32 kernels (bf16 operands, exact fp32 products and accumulation, bf16 result, the numbers a
+  native bf16 GEMM gives): there the report adds `hf_trainer_same_kernels`, the HF Trainer given the same
+  kernels (tools/peer_with_our_kernels.py), so that the framework ratio is read apart from the kernel choice.
+  (On the 2-core AVX2 machine of 2026-11-29, before that run existed: ours / HF Trainer 6.07x in bf16, 1.03x
+  in fp32.)
+- Where the time of a bf16 step goes on the AMX CPU (`tiny`, one process, one thread, torch.profiler): before
+  the attention rule, SDPA ~33% (its bf16 backward ~28%), matrix products ~17%, copies and other element-wise
+  work ~30%, the cross-entropy's log-softmax ~7%; after it, matrix products ~22%, SDPA ~21%, copies ~9%,
+  multiplies ~8%, log-softmax ~7%. With AMX the matrix products are cheap, so `tiny` is bound by the rest
+  (hence the low bf16 MFU), which is what `--compile` fuses. In fp32 (on the AVX2 machine, 2026-11-29) the
+  matrix products were ~50% of a step and the compile gained nothing measurable.
 - `ours_compile` is `pipeline.pretrain --compile` (torch.compile with inductor through DeepSpeed's
-  `engine.compile`). Its compile happens in the first step, which the figure leaves out: ~90 s on this CPU
-  the first time, seconds in later rounds (inductor caches the generated code). Where the time goes in one
-  step of `tiny` (fp32, one thread, torch.profiler): matrix products ~50%, SDPA forward and backward ~20%,
-  the cross-entropy's log-softmax ~7%, the rest element-wise. In fp32 the matrix products and SDPA are
-  already at the kernels' speed and the compile gains nothing measurable (2 ranks, ZeRO-2, interleaved by
-  hand on 2026-11-29: 4,198 and 3,604 tokens/s without, 3,952 and 4,143 with); in bf16 the element-wise work
-  and the casts between bf16 and fp32 are what it fuses, and that is where it gains.
+  `engine.compile`). Its compile happens in the first step, which the figure leaves out: about a minute the
+  first time, seconds in later rounds (inductor caches the generated code).
+- One process against the plain torch loop: DeepSpeed's engine (ZeRO-2 on a world of one: gradient hooks,
+  flat fp32 partitions, its own clipping) costs ~5% per step, measured in one process alternating steps of
+  the engine and of the plain loop on copies of one model (fp32, 60 steps each: 163.3 against 154.9 ms). The
+  figures above are whole runs in separate processes, whose spread on this machine is larger than that.
 - MFU is against a ceiling measured in the same round: the GEMMs of one step alone, by the same number of
-  processes and threads, in the kernels the run uses (`bf16-via-fp32` for ours in bf16 here, `bf16` for the
-  peers). The attention term counts the full T x T score and value products (the usual convention); causal
-  kernels skip about half of them.
+  processes and threads, in the kernels the run uses (on a CPU without native bf16, `bf16-via-fp32` for ours in
+  bf16 and `bf16` for the peers). The attention term counts the full T x T score and value products (the usual
+  convention); causal kernels skip about half of them. The ceilings move with the machine's load like the runs
+  do (a 2-process ceiling above twice the 1-process one is such a spell).
 - The peers train on random token ids, ours on the prepared demo corpus; shapes, model and JSON are the same.
   The HF Trainer's figure is its slowest rank over the timed steps; ours is all ranks' tokens over the same
   span, after the first 2 steps.
