@@ -146,7 +146,11 @@ class PretrainTask:
         return self._inputs([self.sampler.datasets[i][w] for _, i, w in mine], [n for n, _, _ in mine])
 
     def loss(self, engine, batch: dict):
-        return engine(**batch).loss
+        # The model's logits, and the loss taken here: the HF model's own would copy all of them to fp32 first
+        # (pipeline/models/cross_entropy.py). Same number, fewer passes over (B, T, V).
+        from pipeline.models.cross_entropy import lm_loss
+
+        return lm_loss(engine(input_ids=batch["input_ids"]).logits, batch["labels"], self.args.objective == "clm")
 
     def micro_batches(self):
         """For the pipeline engine: this replica's micro-batches as (input_ids, labels), endlessly."""
@@ -177,11 +181,11 @@ class PretrainTask:
                 chunk = chunk or pool[:1]  # a rank with nothing left still joins the collective forward
                 windows = [self.eval_windows[split][d][k] for d, k in chunk]
                 batch = self._inputs(windows, [10**12 + d * 10**9 + k for d, k in chunk])  # fixed eval masks
-                out = engine(**batch)
+                loss = self.loss(engine, batch)
                 n_labels = float((batch["labels"][:, 1:] != -100).sum() if self.args.objective == "clm"
                                  else (batch["labels"] != -100).sum())
                 if weight:
-                    totals += torch.tensor([out.loss.float().item() * n_labels, n_labels], dtype=torch.float64,
+                    totals += torch.tensor([loss.item() * n_labels, n_labels], dtype=torch.float64,
                                            device=self.device)
         engine.train()
         if torch.distributed.is_initialized():
