@@ -44,3 +44,17 @@ def test_equals_the_loss_an_hf_model_returns_with_labels():
     ids = torch.randint(0, 50, (2, 9))
     out = model(input_ids=ids, labels=ids)
     assert torch.allclose(lm_loss(out.logits, ids, shift=True), out.loss, atol=1e-6)
+
+
+def test_num_items_divides_the_sum_as_hf_does():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[1, 3] = IGNORE
+    ref = ForCausalLMLoss(logits, labels, vocab_size=7, num_items_in_batch=13)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    loss = lm_loss(logits, labels, shift=True, num_items=13)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-7)

@@ -24,18 +24,22 @@ def chunk_rows(vocab: int) -> int:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) logits against (N,) targets (IGNORE: left out), in fp32 arithmetic.
-    Saves the logits themselves and one fp32 log-sum-exp per row; backward recomputes each chunk's softmax."""
+    """Cross-entropy of (N, V) logits against (N,) targets (IGNORE: left out), in fp32 arithmetic, summed and
+    divided by `num_items` (None: the number of labelled rows, the mean). Saves the logits themselves and one
+    fp32 log-sum-exp per row; backward recomputes each chunk's softmax."""
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk: int):
+    def forward(ctx, logits, targets, chunk: int, num_items):
         valid = targets != IGNORE
         safe = torch.where(valid, targets, 0)  # (N,) a real column for the ignored rows, masked out below
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         for start in range(0, logits.shape[0], chunk):
             lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].float(), dim=-1)
         picked = logits.gather(1, safe[:, None]).squeeze(1).float()  # (N,) the target's logit
-        count = valid.sum().clamp_min(1)  # no labelled token: loss 0 (HF's mean would be nan)
+        if num_items is None:
+            count = valid.sum().clamp_min(1)  # no labelled token: loss 0 (HF's mean would be nan)
+        else:
+            count = torch.as_tensor(num_items, dtype=torch.float32, device=logits.device)
         ctx.save_for_backward(logits, safe, valid, lse, count)
         ctx.chunk = chunk
         return ((lse - picked) * valid).sum() / count
@@ -50,17 +54,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             p = (logits[rows].float() - lse[rows, None]).exp_()  # softmax of the chunk, (n, V)
             p.scatter_add_(1, safe[rows, None], torch.full_like(p[:, :1], -1.0))  # softmax - one-hot
             grad[rows] = p.mul_(scale[rows, None])
-        return grad, None, None
+        return grad, None, None, None
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool, num_items=None) -> torch.Tensor:
     """Mean token cross-entropy of (B, T, V) logits against (B, T) labels (IGNORE positions left out), the loss an
     HF model returns when given `labels`. `shift`: causal LM, position t predicts label t + 1 (the last position
-    predicts nothing); else each position its own label (masked LM)."""
+    predicts nothing); else each position its own label (masked LM). `num_items`: divide the sum by it instead of
+    by this batch's labelled tokens (HF's `num_items_in_batch`: token-weighted across micro-batches)."""
     if shift:  # (B, T): label t+1 at t, IGNORE at the end; the logits stay whole (no copy of a slice)
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     vocab = logits.shape[-1]
     logits, targets = logits.reshape(-1, vocab), labels.reshape(-1)  # (B*T, V), (B*T,)
     if torch.compiler.is_compiling():
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
-    return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows(vocab))
+        if num_items is None:
+            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") / num_items
+    return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows(vocab), num_items)

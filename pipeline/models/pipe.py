@@ -10,7 +10,7 @@ modules are then wrapped, not copied, into a sequence of pipeline layers. Model 
     ..      DecoderLayerPipe      model.layers.i / transformer.h.i           (h, pos) -> (h, pos)
     ..      FinalNormPipe         model.norm / transformer.ln_f              (h, pos) -> h
     last    head                  lm_head, or the token embedding's weight   h (B, T, C) -> logits (B, T, V)
-    loss    causal_lm_loss        HF's ForCausalLMLoss (shifted cross-entropy)  (logits, labels) -> scalar
+    loss    causal_lm_loss        shifted cross-entropy (cross_entropy.py)   (logits, labels) -> scalar
 
 Between stages only a tuple of tensors travels: the hidden states h (B, T, C) and position_ids
 (1, T) (int64, no gradient). Each decoder wrapper computes its own rotary cos/sin from position_ids
@@ -165,15 +165,15 @@ class LMHeadPipe(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """HF's shifted cross-entropy for causal LMs (`ForCausalLMLoss`, what `model(labels=...)` uses):
+    """The shifted cross-entropy of causal LMs, as the unpipelined model's (pipeline/models/cross_entropy.py):
     the mean over label tokens (labels != -100) of micro-batch (B, T). When labels is a pair
     (labels, n), it is the sum over label tokens divided by n instead (token-weighted evaluation)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
+    from pipeline.models.cross_entropy import lm_loss
 
     num_items = None
     if isinstance(labels, (tuple, list)):
         labels, num_items = labels
-    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items)
+    return lm_loss(logits, labels, shift=True, num_items=num_items)
 
 
 # ---------------------------------------------------------------- layout and name mapping
