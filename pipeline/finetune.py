@@ -243,6 +243,11 @@ def load_data(args: Args) -> Data:
                 counts = ", ".join(f"{label!r}: {n}" for label, n in sorted(dropped.items()))
                 warnings.append(f"{split.path}: {split.dropped_unseen_label} examples dropped (--unseen-labels drop): "
                                 f"their labels do not occur in the training data ({counts})")
+        previous = init_labels(config)
+        if previous is not None and previous != data.label_names:
+            warnings.append(f"--init {args.init} is a classifier of the labels {', '.join(previous)}: "
+                            + ("its head is replaced by a new one for " if len(previous) != len(data.label_names)
+                               else "its head's outputs are reused, in order, for ") + ", ".join(data.label_names))
         ratio = tasks.imbalance(train.labels)
         if ratio >= 3 and args.class_weights == "none":
             warnings.append(f"{args.train}: the largest class is {ratio:.1f}x the smallest; consider "
@@ -270,6 +275,14 @@ def load_data(args: Args) -> Data:
             warnings.append(f"{split.path}: {split.dropped_long_prompt} examples dropped: the prompt alone has "
                             f"--max-length {max_length} tokens or more")
     return data
+
+
+def init_labels(config) -> list[str] | None:
+    """The label names of an --init that is already a sequence classifier (a finetune run's hf/), in id order;
+    None for a language model."""
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
 def label_ids(data: Data, split: str) -> np.ndarray:
@@ -453,7 +466,9 @@ def build_model(args: Args, data: Data, total_steps: int):
             model = AutoModelForSequenceClassification.from_pretrained(
                 args.init, num_labels=len(names), id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)}, pad_token_id=data.tokenizer.pad_id,
-                problem_type="single_label_classification", **common)
+                problem_type="single_label_classification",
+                # --init may be a classifier of another number of labels (a finetune run's hf/): a new head then
+                ignore_mismatched_sizes=True, **common)
         else:
             model = AutoModelForCausalLM.from_pretrained(args.init, **common)
             model.config.pad_token_id = data.tokenizer.pad_id

@@ -650,3 +650,22 @@ def test_dry_run_and_argument_errors(toy, llama_init, tmp_path, capsys):
                            (["--keep-adapters"], "needs --lora")]:
         with pytest.raises(ValueError, match=message):
             finetune.main([*base, *extra])
+
+
+def test_init_from_a_classifier_of_other_labels_gets_a_new_head(toy, llama_init, tmp_path, capsys):
+    # Finetuning a finetuned classifier (a run's hf/) on a task with another number of labels.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import finetune
+
+    classifier = tmp_path / "classifier"
+    AutoModelForSequenceClassification.from_pretrained(llama_init, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                                       pad_token_id=0).save_pretrained(classifier)
+    AutoTokenizer.from_pretrained(llama_init).save_pretrained(classifier)
+    assert finetune.main(["--train", toy["train"], "--valid", toy["valid"], "--init", str(classifier),
+                          "--deepspeed_config", os.path.join(REPO, "ds_configs", "zero0.json"),
+                          "--output", str(tmp_path / "dry"), "--dry-run"]) == {}
+    captured = capsys.readouterr()
+    assert "labels: fruit, mineral" in captured.out
+    assert (f"--init {classifier} is a classifier of the labels a, b, c: its head is replaced by a new one for "
+            "fruit, mineral") in captured.err
