@@ -448,6 +448,27 @@ def test_tied_embedding_and_head_are_quantized_together_and_stored_once(tmp_path
                           atol=1e-4)
 
 
+def test_bert_masked_lm_head_bias_is_stored_once_and_loads(tmp_path):
+    # BertForMaskedLM ties cls.predictions.bias to its decoder's bias: safetensors refuses shared memory.
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64)
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()  # not zeros, so that a lost bias shows in the logits
+    reference = copy.deepcopy(model)
+    cleaned = clean(model, prepare(model, parse_compression(group("post_training_quantization", {"target_bits": 8}))))
+    save_compressed(cleaned.model, cleaned.storage, str(tmp_path / "mlm"))
+    meta = json.load(open(tmp_path / "mlm" / "compression.json"))
+    assert meta["aliases"]["cls.predictions.bias"] == "cls.predictions.decoder.bias"
+    batch = batch_for(model)
+    expected = logits(reference, batch)
+    got = logits(load_compressed(str(tmp_path / "mlm"), runtime="float"), batch)
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 def test_quantization_turns_on_at_its_schedule_offset():
     model = llama()
     reference = copy.deepcopy(model)

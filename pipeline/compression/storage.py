@@ -54,6 +54,7 @@ def save_compressed(model: nn.Module, storage: dict[str, ModulePlan], path: str,
     modules: dict[str, dict] = {}
     owner: dict[int, str] = {}  # id(weight Parameter) -> the module stored with it
     covered: set[str] = set()
+    first: dict[tuple, str] = {}  # a stored tensor's memory -> its key: a tensor seen again is an alias
     with torch.no_grad():
         for name, p in storage.items():
             module = model.get_submodule(name)
@@ -69,6 +70,8 @@ def save_compressed(model: nn.Module, storage: dict[str, ModulePlan], path: str,
             covered |= {f"{name}.weight", f"{name}.bias"}
             if info["bias"]:
                 tensors[f"{name}.bias"] = module.bias.detach().float().contiguous()
+                # BERT's MLM head ties `cls.predictions.bias` to its decoder's bias: that key becomes an alias
+                first[_memory(tensors[f"{name}.bias"])] = f"{name}.bias"
             modules[name] = info
             if info["tied_to"]:
                 continue
@@ -77,11 +80,10 @@ def save_compressed(model: nn.Module, storage: dict[str, ModulePlan], path: str,
             info["nonzero"] = int((weight != 0).sum())
 
         aliases: dict[str, str] = {}
-        first: dict[tuple, str] = {}
         for key, value in model.state_dict().items():
             if key in covered:
                 continue
-            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            ident = _memory(value)
             if ident in first:
                 aliases[key] = first[ident]
                 continue
@@ -104,6 +106,11 @@ def save_compressed(model: nn.Module, storage: dict[str, ModulePlan], path: str,
     from pipeline.files import publish_folder
 
     publish_folder(tmp, path)
+
+
+def _memory(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live: equal for tensors that share them (tied weights)."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
 
 def _encode(name: str, weight: torch.Tensor, scheme: QuantScheme | None, sparse: bool) -> dict[str, torch.Tensor]:
@@ -170,7 +177,7 @@ def load_compressed(path: str, runtime: str = "auto") -> nn.Module:
     tensors = load_file(os.path.join(path, WEIGHTS))
     model = construct(meta["architecture"], config)
     state = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in meta["modules"])}
-    state.update({k: state[v] for k, v in meta["aliases"].items()})
+    state.update({k: state[v] if v in state else tensors[v] for k, v in meta["aliases"].items()})  # v: a bias too
 
     decoded: dict[str, tuple] = {}
     for name, info in meta["modules"].items():
