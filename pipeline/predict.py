@@ -33,8 +33,8 @@ from pipeline.cli import arg, parse, run_main
 
 @dataclass
 class Args:
-    model: str = arg(help="an exported model folder (RUN/hf): a sequence classifier or a causal LM, with its "
-                          "tokenizer", required=True, metavar="HF_DIR")
+    model: str = arg(help="an exported model folder (RUN/hf, or a compress run's RUN/compressed): a sequence "
+                          "classifier or a causal LM, with its tokenizer", required=True, metavar="HF_DIR")
     input: str = arg("-", help="texts to predict: jsonl/csv/parquet/HF dataset (field --text-key), .txt (a text per "
                                "line), or - for stdin", metavar="FILE")
     output: str = arg(help="write the predictions (jsonl) here instead of stdout", metavar="FILE")
@@ -103,8 +103,14 @@ def load(path: str, device: str):
     else:
         raise ValueError(f"--model {path}: architecture {arch or '(none)'} is neither a sequence classifier nor a "
                          "causal LM")
-    dtype = torch.float32 if device == "cpu" else "auto"
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
+    from pipeline.compression.storage import META, load_compressed
+
+    if os.path.isfile(os.path.join(path, META)):  # a compress run's compressed/: integer weights, no model.safetensors
+        # The int8 kernel is a CPU one; on a GPU the weights are dequantized (as compress evaluates there).
+        model = load_compressed(path, runtime="auto" if device == "cpu" else "float").to(device).eval()
+    else:
+        dtype = torch.float32 if device == "cpu" else "auto"
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

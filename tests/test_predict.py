@@ -23,3 +23,38 @@ def test_stdin_lines_lose_their_line_breaks(monkeypatch):
     text = "good soup\r\n" + json.dumps({"text": "kept\n"}) + "\n\nbad service\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(text, newline=""))  # newline="": "\r\n" arrives as on Linux
     assert list(predict.read_inputs("-", "text")) == ["good soup", "kept\n", "bad service"]
+
+
+def test_a_compressed_model_folder_predicts_as_load_compressed(tmp_path, capsys):
+    # RUN/compressed of a compress run holds integer weights (no model.safetensors): predict reads it too.
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    from pipeline.compression import clean, load_compressed, parse_compression, prepare, save_compressed
+
+    words = ["<pad>", "<unk>", "good", "bad", "soup", "service"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=len(words), max_position_embeddings=32,
+                                  num_labels=2, id2label={0: "no", 1: "yes"}, pad_token_id=0,
+                                  architectures=["LlamaForSequenceClassification"])  # as a finetune export has
+    model = AutoModelForSequenceClassification.from_config(config)
+    block = {"post_training_quantization": {"shared_parameters": {"enabled": True},
+                                            "different_groups": {"g": {"params": {"target_bits": 8}, "modules": ["*"]}}}}
+    cleaned = clean(model, prepare(model, parse_compression(block)))
+    folder = str(tmp_path / "compressed")
+    save_compressed(cleaned.model, cleaned.storage, folder, tokenizer)
+    inputs, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inputs.write_text("good soup\nbad service\n")
+    assert predict.main(["--model", folder, "--input", str(inputs), "--output", str(out), "--device", "cpu"]) == 2
+    rows = [json.loads(line) for line in open(out)]
+    with torch.no_grad():
+        expected = load_compressed(folder)(input_ids=torch.tensor([[2, 4], [3, 5]])).logits.softmax(-1)
+    assert [r["text"] for r in rows] == ["good soup", "bad service"]
+    for row, p in zip(rows, expected.tolist()):
+        assert abs(row["probs"]["no"] - p[0]) < 1e-5 and abs(row["probs"]["yes"] - p[1]) < 1e-5
+    assert "predict: 2 predictions (classify)" in capsys.readouterr().err
