@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any
@@ -81,6 +82,9 @@ def run_main(main, stage: str) -> None:
 
     try:
         main()
+    except BrokenPipeError:  # the reader of our stdout left (`... | head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(1)
     except (ValueError, OSError, NonFiniteLoss, CheckpointError) as e:  # OSError: a file, with its path
         print(f"{stage}: error: {e}", file=sys.stderr)
         sys.exit(2)

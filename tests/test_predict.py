@@ -4,6 +4,7 @@ import json
 import sys
 
 from pipeline import predict
+from tests.conftest import REPO
 
 
 def test_txt_lines_lose_their_line_breaks(tmp_path):
@@ -58,3 +59,19 @@ def test_a_compressed_model_folder_predicts_as_load_compressed(tmp_path, capsys)
     for row, p in zip(rows, expected.tolist()):
         assert abs(row["probs"]["no"] - p[0]) < 1e-5 and abs(row["probs"]["yes"] - p[1]) < 1e-5
     assert "predict: 2 predictions (classify)" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`python -m pipeline.predict ... | head`: the closed pipe ends the stage quietly (status 1, nothing on stderr)."""
+    import subprocess
+
+    code = ("from pipeline.cli import run_main\n"
+            "def main():\n"
+            "    for i in range(10**7):\n"
+            "        print('{\"text\": \"line\"}', i)\n"
+            "run_main(main, 'predict')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and err == "", err
