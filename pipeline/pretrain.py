@@ -147,7 +147,8 @@ class PretrainTask:
 
     def loss(self, engine, batch: dict):
         # The model's logits, and the loss taken here: the HF model's own would copy all of them to fp32 first
-        # (pipeline/models/cross_entropy.py). Same number, fewer passes over (B, T, V).
+        # (pipeline/models/cross_entropy.py). Same number, fewer passes over (B, T, V). Under --compile too, so
+        # that a compiled run computes the numbers of an uncompiled one.
         from pipeline.models.cross_entropy import lm_loss
 
         return lm_loss(engine(input_ids=batch["input_ids"]).logits, batch["labels"], self.args.objective == "clm")

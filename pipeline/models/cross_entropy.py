@@ -8,7 +8,7 @@ arithmetic) from `chunk` rows of logits at a time, upcast while they sit in cach
 straight into the logits' dtype: measured on the 2-core AMX CPU (one thread, bf16), 1.2-1.7x faster for
 (1024, 2000) and (2048, 32000) logits, the loss equal to 1e-6 and the gradient to 1e-8.
 
-Under torch.compile the plain fp32 cross-entropy is used: inductor fuses it into the same few passes itself.
+Under `pretrain --compile` it runs after the compiled model, in eager mode, as in an uncompiled run.
 """
 from __future__ import annotations
 
@@ -66,8 +66,4 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool, num_items=N
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     vocab = logits.shape[-1]
     logits, targets = logits.reshape(-1, vocab), labels.reshape(-1)  # (B*T, V), (B*T,)
-    if torch.compiler.is_compiling():
-        if num_items is None:
-            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") / num_items
     return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows(vocab), num_items)
