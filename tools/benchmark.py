@@ -672,12 +672,21 @@ CAVEATS = """\
 - Where the time of a bf16 step goes on the AMX CPU (`tiny`, one process, one thread, torch.profiler): before
   the attention rule, SDPA ~33% (its bf16 backward ~28%), matrix products ~17%, copies and other element-wise
   work ~30%, the cross-entropy's log-softmax ~7%; after it, matrix products ~22%, SDPA ~21%, copies ~9%,
-  multiplies ~8%, log-softmax ~7%. With AMX the matrix products are cheap, so `tiny` is bound by the rest
-  (hence the low bf16 MFU), which is what `--compile` fuses. In fp32 (on the AVX2 machine, 2026-11-29) the
+  multiplies ~8%, log-softmax ~7%. The loss is then taken from the logits in chunks of rows
+  (pipeline/models/cross_entropy.py) instead of the HF model's fp32 copy of all of them: 1.07x per bf16 step
+  at this 2,000-token vocabulary, 1.59x at 32,000 (one process, alternating steps). With AMX the matrix
+  products are cheap, so `tiny` is bound by the rest (hence the low bf16 MFU), which is what `--compile` fuses. In fp32 (on the AVX2 machine, 2026-11-29) the
   matrix products were ~50% of a step and the compile gained nothing measurable.
 - `ours_compile` is `pipeline.pretrain --compile` (torch.compile with inductor through DeepSpeed's
   `engine.compile`). Its compile happens in the first step, which the figure leaves out: about a minute the
   first time, seconds in later rounds (inductor caches the generated code).
+- Run to run on this machine (a VM whose neighbours' load comes and goes), same settings, 3 rounds each: a full
+  run at 2026-12-06 01:48 UTC (before the chunked loss) gave bf16 ours / HF Trainer 1.15x, with `--compile`
+  1.58x, one process 0.94x, fp32 one process 0.86x; one at 02:41 (the code of these figures) 1.04x, 1.21x,
+  0.91x and 0.67x. Back-to-back runs of one command moved by up to 30% (10,272 and 15,115 tokens/s), so these
+  figures come from 5 rounds, and a ratio within ~0.1 of another is not a measured difference. Interleaved
+  pairs of one-process fp32 runs of the code before and after the chunked loss gave 8,527, 7,772, 8,410 and
+  8,704, 8,890, 6,384 tokens/s: no change.
 - One process against the plain torch loop: DeepSpeed's engine (ZeRO-2 on a world of one: gradient hooks,
   flat fp32 partitions, its own clipping) costs ~5% per step, measured in one process alternating steps of
   the engine and of the plain loop on copies of one model (fp32, 60 steps each: 163.3 against 154.9 ms). The
