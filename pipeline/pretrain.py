@@ -102,7 +102,7 @@ def load_data_folders(folders: list[str]):
 
 
 class PretrainTask:
-    """Packed windows from the blended data; CLM labels are the inputs (the model shifts them),
+    """Packed windows from the blended data; CLM labels are the inputs (the loss shifts them),
     MLM inputs are masked deterministically per sample number."""
 
     def __init__(self, args: Args, tokenizer, engine, dp_rank: int, dp_size: int):
