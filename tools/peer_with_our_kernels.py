@@ -7,8 +7,8 @@ On a CPU without AVX512-BF16/AMX, `pipeline.pretrain` computes its bf16 matrix p
 (pipeline/models/cpu_bf16.py) while the peers run torch's slow generic bf16 GEMM, so ours / peer in bf16
 measures that kernel choice as much as the training step. This wrapper gives the peer's model the same kernels
 (`use_fp32_kernels_for_bf16` on every model `AutoModelForCausalLM.from_config` builds), then runs the peer
-unchanged, so that tools/benchmark.py can also report the ratio at equal kernels. On a CPU with native bf16 the
-wrapper changes nothing (the function is a no-op there).
+unchanged, so that tools/benchmark.py can also report the ratio at equal kernels. tools/benchmark.py runs it only
+on such a CPU: with native bf16 the same function would give the peer only the short-attention rule.
 """
 import os
 import runpy
