@@ -255,10 +255,17 @@ def test_fp16_becomes_bf16_on_cpu_with_one_warning():
 
 def test_cpu_adam_uses_torch_unless_the_config_says():
     cfg = base_cfg(optimizer={"type": "Adam", "params": {"lr": 1e-3}})
-    assert resolve(cfg, accelerator="cpu")[0]["optimizer"]["params"]["torch_adam"] is True
-    cfg["optimizer"]["params"]["torch_adam"] = False
-    assert resolve(cfg, accelerator="cpu")[0]["optimizer"]["params"]["torch_adam"] is False
+    params = resolve(cfg, accelerator="cpu")[0]["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    cfg["optimizer"]["params"]["foreach"] = True  # the user's choice of torch implementation is kept
+    params = resolve(cfg, accelerator="cpu")[0]["optimizer"]["params"]
+    assert params["foreach"] is True and "fused" not in params
+    cfg["optimizer"]["params"] = {"lr": 1e-3, "torch_adam": False}  # DeepSpeed's own op: no torch arguments
+    params = resolve(cfg, accelerator="cpu")[0]["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params
     assert "torch_adam" not in resolve(base_cfg(optimizer={"type": "AdamW"}), accelerator="cuda")[0]["optimizer"]
+    assert "fused" not in resolve(base_cfg(optimizer={"type": "AdamW"}), accelerator="cuda")[0]["optimizer"].get(
+        "params", {})
     assert "torch_adam" not in resolve(base_cfg(optimizer={"type": "SGD", "params": {"lr": 0.1}}))[0]["optimizer"][
         "params"]
 
