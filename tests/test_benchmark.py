@@ -97,7 +97,8 @@ def test_run_kernels():
 
 def test_quick_defaults_and_explicit_flags_win():
     args = benchmark.parse_args(["--quick", "--rounds", "2"])
-    assert args.rounds == 2 and args.steps == 4 and args.precisions == ["bf16"] and args.report is None
+    assert args.rounds == 2 and args.steps == 4 and args.ab_steps == 6 and args.precisions == ["bf16"]
+    assert args.report is None
     full = benchmark.parse_args(["--ranks", "2", "--threads", "3"])
     assert full.precisions == ["bf16", "fp32"] and full.threads == 3 and full.report.endswith("BENCHMARKS.md")
     with pytest.raises(SystemExit):
@@ -160,3 +161,44 @@ def test_peer_wrapper_hands_the_peer_its_arguments_and_patches_model_building(tm
                           str(peer), "--steps", "3"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ARGV ['--steps', '3', '--local_rank=1'] function" in out.stdout  # a bound classmethod before
+
+
+def test_report_steps_section(tmp_path):
+    two = {"world_size": 2, "ms_per_step": {"ours": 100.0, "hf": 125.0}, "ours_vs_hf": 1.25}
+    one = {"world_size": 1, "ms_per_step": {"ours": 80.0, "hf": 96.0, "torch": 88.0}, "ours_vs_hf": 1.2,
+           "ours_vs_torch": 1.1}
+    steps = {"precisions": {"bf16": {"ranks": two, "one_process": one}}, "steps": 40, "load": [1, 2]}
+    path = tmp_path / "report.md"
+    benchmark.write_report(str(path), report_results(steps=steps, model="tiny", config="c.json", seq_length=8,
+                                                     micro_batch=1))
+    text = path.read_text()
+    assert "| bf16 | 2 | 100.0 | 125.0 | - | **1.25x** | - |" in text
+    assert "| bf16 | 1 | 80.0 | 96.0 | 88.0 | **1.20x** | **1.10x** |" in text
+
+
+def test_step_ab_hf_arm_gets_the_trainers_json():
+    import step_ab
+
+    cfg = step_ab.hf_trainer_config(os.path.join(REPO, "ds_configs", "zero2.json"), world=2)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"] == {"enabled": True}
+    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                            "weight_decay": 0.0}}  # no torch_adam: DeepSpeed's op
+    assert cfg["train_batch_size"] == 4 * 1 * 2 and "scheduler" not in cfg and "tensorboard" not in cfg
+
+
+@pytest.mark.slow
+def test_step_ab_one_process_times_every_arm(tmp_path):
+    import json
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**LLAMA, "vocab_size": 100}))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "step_ab.py"), "--model-config", str(config),
+                          "--deepspeed-config", os.path.join(REPO, "ds_configs", "zero2.json"), "--arms", "ours,torch",
+                          "--seq-length", "16", "--steps", "3", "--warmup", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    ms = result["ms_per_step"]
+    assert set(ms) == {"ours", "torch"} and result["world_size"] == 1 and result["steps"] == 3
+    assert result["ours_vs_torch"] == pytest.approx(ms["torch"] / ms["ours"], rel=0.01)
+    assert result["tokens_per_sec"]["ours"] == pytest.approx(4 * 16 / (ms["ours"] / 1000), rel=0.01)

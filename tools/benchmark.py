@@ -25,6 +25,11 @@ Sections (--sections):
               one training step (forward and backward, at the micro batch and sequence length, each size at
               its fastest operand layout) run alone by as many processes and threads as the run uses, in the
               precision and kernels the run's matmuls use (see KERNELS).
+  steps       tools/step_ab.py, --ranks ranks and one process, each precision: ours' training step, the HF Trainer's
+              step (its model, its loss, its DeepSpeed JSON) and, in one process, the plain torch loop's, held side
+              by side in one process per rank and taken in turn step after step (--ab-steps each), medians of the
+              per-step times. Whole runs of a few seconds each measure a shared machine's slow spells as much as
+              the step; alternating steps in one process cancel them, so this section says what the step costs
   memory      peak resident memory of each rank (the kernel's VmHWM, polled) for ZeRO 0, 1, 2, 3 and the
               offload configs, 2 ranks, on --memory-model (large enough that model states dominate)
   launch      seconds from starting the command to the end of the first optimizer step (its log line),
@@ -56,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.normpath(os.path.join(REPO, "..", "shared", "peers"))
 sys.path.insert(0, REPO)
 
-SECTIONS = ("throughput", "memory", "launch", "prepare")
+SECTIONS = ("throughput", "steps", "memory", "launch", "prepare")
 MEMORY_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 RUNS = ("ours", "ours_compile", "hf_trainer", "hf_trainer_same_kernels", "ours_1p", "torch_1p")
 MULTI_RANK = ("ours", "ours_compile", "hf_trainer", "hf_trainer_same_kernels")
@@ -411,6 +416,24 @@ def throughput(bench: Bench, args, data: str, model_config: str, configs: dict[s
     return results
 
 
+def steps(bench: Bench, args, model_config: str, configs: dict[str, str]) -> dict:
+    """Per precision: tools/step_ab.py at --ranks ranks and in one process (its RESULT line for each)."""
+    loads = len(bench.loads)
+    rows = {}
+    for precision, ds_config in configs.items():
+        a = ["--model-config", model_config, "--deepspeed-config", ds_config, "--seq-length", str(args.seq_length),
+             "--steps", str(args.ab_steps)]
+        rows[precision] = {}
+        for kind, ranks in (("ranks", args.ranks), ("one_process", 0)):
+            cmd = bench.launcher(ranks, os.path.join(REPO, "tools", "step_ab.py"), a)
+            row = result_line(bench.execute(cmd, f"steps_{precision}_{kind}")["output"])
+            rows[precision][kind] = row
+            print(f"[steps] {precision} {kind:<12} ms per step " + ", ".join(
+                f"{name} {ms:.1f}" for name, ms in row["ms_per_step"].items()) + " (load "
+                f"{os.getloadavg()[0]:.1f})", flush=True)
+    return {"precisions": rows, "steps": args.ab_steps, "load": load_range(bench.loads[loads:])}
+
+
 def memory(bench: Bench, args, data: str) -> dict:
     """Peak RSS per rank for each ZeRO config (bf16 JSONs as shipped), 2 ranks, a few steps."""
     loads = len(bench.loads)
@@ -501,6 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help=f"threads of every process, one-process runs too (default: cores / ranks, {cores} cores here)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default: 3; --quick: 1)")
+    p.add_argument("--ab-steps", type=int, default=None,
+                   help="timed steps of each arm in the steps section (default: 40; --quick: 6)")
     p.add_argument("--memory-model", default=None,
                    help="preset for the memory section (default: llama-350m, ~285M parameters at the 2000-token "
                         "vocabulary; --quick: llama-20m)")
@@ -527,7 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders) and print its path")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"precisions": ("bf16", "bf16,fp32"), "steps": (4, 10), "rounds": (1, 3),
+    defaults = {"precisions": ("bf16", "bf16,fp32"), "steps": (4, 10), "rounds": (1, 3), "ab_steps": (6, 40),
                 "memory_model": ("llama-20m", "llama-350m"), "memory_configs": ("zero0,zero3", ",".join(MEMORY_CONFIGS)),
                 "launch_rounds": (1, 2), "prepare_mb": (2, 20), "prepare_rounds": (1, 2),
                 "report": (None, os.path.join(REPO, "docs", "BENCHMARKS.md"))}
@@ -607,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "load_at_start": list(os.getloadavg())}
     try:
         data = args.data
-        if data is None and set(args.sections) & {"throughput", "memory", "launch"}:
+        if data is None and set(args.sections) & {"throughput", "steps", "memory", "launch"}:
             data = os.path.join(work, "data")
             corpus = os.path.join(work, "corpus.jsonl")
             bench.execute([sys.executable, "tools/make_demo_corpus.py", corpus], "corpus")
@@ -625,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "throughput" in args.sections:
             configs = precision_configs(args.config, args.precisions, work)
             results["throughput"] = throughput(bench, args, data, model_config, configs, micro)
+        if "steps" in args.sections:
+            results["steps"] = steps(bench, args, model_config, precision_configs(args.config, args.precisions, work))
         if "memory" in args.sections:
             results["memory"] = memory(bench, args, data)
         if "launch" in args.sections:
@@ -765,6 +792,26 @@ def write_report(path: str, r: dict) -> None:
             lines += [f"- ours in one process / the plain torch loop: **{t['ours_1p_vs_torch_1p']:.2f}x** "
                       f"(target >= 0.90x)", ""] + measured_separately(t)
         lines += ["Kernels: " + "; ".join(f"`{k}`: {v}" for k, v in KERNELS.items()) + ".", ""]
+    if "steps" in r:
+        st = r["steps"]
+        lines += ["## The step alone, side by side in one process", "",
+                  f"`tools/step_ab.py`: every rank holds ours, the HF Trainer's step (its model, its loss, its "
+                  f"DeepSpeed JSON) and, in one process, the plain torch loop's, on copies of one model, and takes "
+                  f"one step of each in turn, {st['steps']} timed steps each; medians of the per-step times "
+                  f"(`{r['model']}`, `{r['config']}`, sequence {r['seq_length']}, micro batch {r['micro_batch']}); "
+                  f"load average {st['load'][0]}-{st['load'][1]}. The Trainer's own per-step work (data loader, "
+                  f"callbacks) is not in its figure.", "",
+                  "| precision | processes | ms per step: ours | HF Trainer's step | torch loop | ours / HF step "
+                  "| ours / torch loop |", "|---|---|---|---|---|---|---|"]
+        for precision, kinds in st["precisions"].items():
+            for row in kinds.values():
+                ms = row["ms_per_step"]
+                torch_ms = f"{ms['torch']:.1f}" if "torch" in ms else "-"
+                vs_torch = f"**{row['ours_vs_torch']:.2f}x**" if "ours_vs_torch" in row else "-"
+                lines.append(f"| {precision} | {row['world_size']} | {ms['ours']:.1f} | {ms['hf']:.1f} | {torch_ms} | "
+                             f"**{row['ours_vs_hf']:.2f}x** | {vs_torch} |")
+        lines += ["", "A ratio is the other step's time over ours (above 1: ours is faster).", ""]
+        lines += measured_separately(st)
     if "memory" in r:
         mem = r["memory"]
         lines += ["## Peak memory per rank", "",
