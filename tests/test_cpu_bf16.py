@@ -100,3 +100,37 @@ def test_short_attention_rule_takes_the_longer_of_query_and_key():
     assert cpu_bf16._short_attention((q, k, k), {})
     assert not cpu_bf16._short_attention((q, torch.zeros(1, 1, 257, 64)), {})
     assert cpu_bf16._short_attention((), {"query": k, "key": q, "value": q})
+
+
+def test_hf_model_gets_the_attention_rule_as_its_attention_implementation(monkeypatch, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.setattr(cpu_bf16, "cpu_lacks_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=50, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    plain.load_state_dict(model.state_dict())
+    model = cpu_bf16.use_fp32_kernels_for_bf16(model).bfloat16()
+    plain = plain.bfloat16()
+    assert model.config._attn_implementation == cpu_bf16.SHORT_ATTENTION and not model._forward_pre_hooks
+    x = torch.randint(0, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding: transformers' SDPA mask reaches the rule
+    with cpu_bf16.Fp32KernelsForBf16(attention_only=True):  # the same rule through the mode
+        expected = [plain(input_ids=x).logits, plain(input_ids=x, attention_mask=mask).logits]
+    upcast = []
+    original = cpu_bf16._upcast
+    monkeypatch.setattr(cpu_bf16, "_upcast", lambda v: upcast.append(1) or original(v))
+    assert torch.equal(model(input_ids=x).logits, expected[0])
+    assert torch.equal(model(input_ids=x, attention_mask=mask).logits, expected[1])
+    calls = len(upcast)
+    assert calls  # the rule ran
+    monkeypatch.setattr(cpu_bf16, "FP32_ATTENTION_MAX", 1)  # long attention: torch's own bf16 kernels
+    assert torch.equal(model(input_ids=x).logits, plain(input_ids=x).logits) and len(upcast) == calls
+    model.save_pretrained(tmp_path)  # the implementation stays in this process: the saved config names none
+    assert not any("attn" in key for key in json.loads((tmp_path / "config.json").read_text()))

@@ -34,6 +34,12 @@ time with fp32 kernels (operands upcast, result rounded to bf16), one thread of 
 So there, SDPA on bf16 tensors runs on fp32 kernels when (longest of query and key length) x head size is
 at most FP32_ATTENTION_MAX (a fixed rule, not a timing made per run: two runs of one command compute the same
 numbers). The `tiny` preset at sequence 256 (T x head size 8192) trains ~1.1-1.2x faster per step for it.
+A model that takes its attention from transformers' attention interface (Llama, GPT-2, BERT and most others)
+gets the rule as an attention implementation of its own, SHORT_ATTENTION (HF's SDPA function with the rule;
+HF's SDPA masks), so nothing else in its forward is intercepted: through the TorchFunctionMode instead, every
+torch call of the forward passes through Python, ~2.5% of a `tiny` bf16 step (one process, alternating steps).
+Other models get the mode. The implementation's name lives in the model object only: a saved config.json
+carries none, and the model loads elsewhere with transformers' own SDPA.
 """
 from __future__ import annotations
 
@@ -97,6 +103,37 @@ def _round(value):
 FP32_ATTENTION_MAX = 16384
 
 
+SHORT_ATTENTION = "sdpa_short_on_fp32"  # the attention implementation (transformers' registry) of the rule
+
+
+def _sdpa_short_on_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention function, short bf16 CPU attention on fp32 kernels (bf16 result)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _is_cpu_bf16(query) and _short_attention((query, key), {}):
+        out, weights = sdpa_attention_forward(module, *_upcast((query, key, value, attention_mask)), **kwargs)
+        return _round(out), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _use_short_attention_implementation(model: torch.nn.Module) -> bool:
+    """Give an HF model that uses transformers' SDPA the rule as its attention implementation; False when it
+    has no such attention (another implementation, or a model outside transformers' attention interface)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SHORT_ATTENTION, _sdpa_short_on_fp32)
+    AttentionMaskInterface.register(SHORT_ATTENTION, sdpa_mask)  # the masks transformers makes for SDPA
+    try:
+        model.set_attn_implementation(SHORT_ATTENTION)
+    except (ValueError, ImportError, NotImplementedError):
+        return False
+    return model.config._attn_implementation == SHORT_ATTENTION
+
+
 def _short_attention(args, kwargs) -> bool:
     """SDPA's (B, H, T, D) operands: whether max(T_query, T_key) x D <= FP32_ATTENTION_MAX."""
     q = args[0] if args else kwargs["query"]
@@ -149,7 +186,10 @@ def use_fp32_kernels_for_bf16(model: torch.nn.Module) -> torch.nn.Module:
     the model never runs on a CPU."""
     if torch.cuda.is_available():
         return model
-    mode = Fp32KernelsForBf16(attention_only=not cpu_lacks_native_bf16())
+    native = not cpu_lacks_native_bf16()
+    if native and _use_short_attention_implementation(model):
+        return model
+    mode = Fp32KernelsForBf16(attention_only=native)
     depth = [0, False]  # modules nest: the outermost forward enters the mode (when bf16), its return leaves it
 
     def enter(module, args):
