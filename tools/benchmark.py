@@ -707,17 +707,27 @@ CAVEATS = """\
 - `ours_compile` is `pipeline.pretrain --compile` (torch.compile with inductor through DeepSpeed's
   `engine.compile`). Its compile happens in the first step, which the figure leaves out: about a minute the
   first time, seconds in later rounds (inductor caches the generated code).
-- Run to run on this machine (a VM whose neighbours' load comes and goes), same settings, 3 rounds each: a full
-  run at 2026-12-06 01:48 UTC (before the chunked loss) gave bf16 ours / HF Trainer 1.15x, with `--compile`
-  1.58x, one process 0.94x, fp32 one process 0.86x; one at 02:41 (the code of these figures) 1.04x, 1.21x,
-  0.91x and 0.67x. Back-to-back runs of one command moved by up to 30% (10,272 and 15,115 tokens/s), so these
-  figures come from 5 rounds, and a ratio within ~0.1 of another is not a measured difference. Interleaved
-  pairs of one-process fp32 runs of the code before and after the chunked loss gave 8,527, 7,772, 8,410 and
-  8,704, 8,890, 6,384 tokens/s: no change.
-- One process against the plain torch loop: DeepSpeed's engine (ZeRO-2 on a world of one: gradient hooks,
-  flat fp32 partitions, its own clipping) costs ~5% per step, measured in one process alternating steps of
-  the engine and of the plain loop on copies of one model (fp32, 60 steps each: 163.3 against 154.9 ms). The
-  figures above are whole runs in separate processes, whose spread on this machine is larger than that.
+- Run to run on this machine (a VM whose neighbours' load comes and goes): back-to-back runs of one command moved
+  by up to 30% (10,272 and 15,115 tokens/s), and the machine's speed changes in spells of seconds (one run's
+  per-step log alternated between ~6,400 and ~8,800 tokens/s in blocks of 5-10 steps). With 5 rounds a whole-run
+  ratio within ~0.1 of another is not a measured difference. Earlier whole runs, 3 rounds each, gave bf16 ours /
+  HF Trainer 1.15x (2026-12-06 01:48, before the chunked loss), 1.04x (02:41) and 1.25x (03:11, 5 rounds), one
+  process 0.94x, 0.91x and 0.82x. So the report also times the step alone (the steps section,
+  `tools/step_ab.py`): every rank holds the arms side by side and alternates them step by step, so a slow spell
+  hits them alike; its ratios moved by a few percent between runs (bf16, 2 ranks: 1.09-1.20x over the HF
+  Trainer's step on 2026-12-06, the lower figures before the last two changes below).
+- What the step gained on 2026-12-06 (04:00-04:25 UTC), each measured by alternating steps in one process: the
+  loss in ~512 KB chunks instead of 4 MB (the loss's forward + backward 1.2-1.3x at this vocabulary), torch's
+  fused AdamW (`"fused": true`, 3-5x on the optimizer step), and the attention rule as an attention
+  implementation instead of a TorchFunctionMode over the whole forward (~2% per step). Tried and left: a
+  custom RMSNorm autograd function (~1% per step), an all-bf16 attention by matrix products (slower than the
+  fp32 flash kernel at these shapes), skipping DeepSpeed's bf16 overflow check (`bf16.check_grad_overflow`,
+  ~2% per step, but it is DeepSpeed's guard that skips a step with non-finite gradients: not ours to drop).
+- One process against the plain torch loop: in the steps section, ours' bf16 step is faster than the loop's
+  (autocast's weight casts every step, torch's bf16 flash attention, the loss on an fp32 copy of the logits);
+  in fp32 DeepSpeed's engine (ZeRO-2 on a world of one: gradient hooks, flat fp32 partitions, the overflow
+  check, its own clipping) costs ~4% per step. The whole-run figures of the throughput section come from
+  separate processes, whose spread on this machine is larger than that.
 - MFU is against a ceiling measured in the same round: the GEMMs of one step alone, by the same number of
   processes and threads, in the kernels the run uses (on a CPU without native bf16, `bf16-via-fp32` for ours in
   bf16 and `bf16` for the peers). The attention term counts the full T x T score and value products (the usual
