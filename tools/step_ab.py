@@ -1,7 +1,7 @@
 """Our training step against the HF Trainer's and a plain torch loop's, alternating step by step in one process.
 
-    deepspeed --num_gpus 2 tools/step_ab.py --model-config CONFIG.json --deepspeed-config ds_configs/zero2.json
-    python tools/step_ab.py --model-config CONFIG.json --deepspeed-config ds_configs/zero2.json   # adds `torch`
+    deepspeed --num_gpus 2 tools/step_ab.py --model-config tiny --deepspeed-config ds_configs/zero2.json
+    python tools/step_ab.py --model-config tiny --deepspeed-config ds_configs/zero2.json   # adds `torch`
 
 On a shared machine whose speed comes and goes for seconds at a time, separate runs of a few seconds each
 measure the machine as much as the step (tools/benchmark.py's throughput section, medians of interleaved
@@ -40,7 +40,11 @@ sys.path.insert(0, REPO)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", required=True, help="an HF config.json (a causal LM), e.g. the benchmark's")
+    p.add_argument("--model-config", required=True,
+                   help="a decoder preset (tiny, llama-20m, ...) or an HF config.json of a causal LM, e.g. the benchmark's")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary of a preset (default: 2000, the demo tokenizer's); a config JSON with a "
+                        "vocab_size keeps its own")
     p.add_argument("--deepspeed-config", required=True, help="the DeepSpeed JSON both DeepSpeed arms train with")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=40, help="timed steps of each arm (default 40)")
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.distributed import setup, teardown
     from pipeline.models import build_model, load_model_config
     from pipeline.models.cross_entropy import lm_loss
+    from pipeline.models.presets import PRESETS
     from pipeline.pretrain import param_groups
 
     dist = setup()
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     if ours_cfg["gradient_accumulation_steps"] != 1:
         raise SystemExit("step_ab: the JSON must have gradient_accumulation_steps 1 (one micro-batch per step)")
     precision = precision_of(ours_cfg)
-    config, _ = load_model_config(args.model_config, 0, {})
+    vocab = args.vocab_size or (2000 if args.model_config in PRESETS else 0)
+    config, _ = load_model_config(args.model_config, vocab, {})
     config.use_cache = False
 
     torch.manual_seed(0)
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     arms = {"ours": ours_step}
     if "hf" in args.arms:
-        hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+        hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa",
+                                                    trust_remote_code=False)
         hf_model.load_state_dict(ours_model.state_dict())
         hf, *_ = deepspeed.initialize(model=hf_model, model_parameters=hf_model.parameters(),
                                       config=hf_trainer_config(args.deepspeed_config, dist.world_size))
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         arms["hf"] = hf_step
     if "torch" in args.arms and dist.world_size == 1:  # the plain loop has no data parallelism: one process only
-        torch_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").to(device)
+        torch_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa",
+                                                       trust_remote_code=False).to(device)
         torch_model.load_state_dict({k: v.float() for k, v in ours_model.state_dict().items()})
         torch_model.train()
         opt = torch.optim.AdamW(torch_model.parameters(), lr=3e-4)
