@@ -6,7 +6,8 @@ zero-filled, scattered into and cast back to bf16: five passes over B x T x V x 
 2 x 1024 tokens at a 32k vocabulary. `lm_loss` computes the same number (mean over the labelled tokens, fp32
 arithmetic) from `chunk` rows of logits at a time, upcast while they sit in cache, and writes the gradient
 straight into the logits' dtype: measured on the 2-core AMX CPU (one thread, bf16), 1.2-1.7x faster for
-(1024, 2000) and (2048, 32000) logits with 4 MB chunks (more with the 512 KB ones of `chunk_rows`), the loss equal to 1e-6 and the gradient to 1e-8.
+(1024, 2000) and (2048, 32000) logits with 4 MB chunks (more with the 512 KB ones of `chunk_rows`), the loss
+equal to 1e-6 and the gradient to 1e-8.
 
 Under `pretrain --compile` it runs after the compiled model, in eager mode, as in an uncompiled run.
 """
