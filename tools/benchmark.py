@@ -516,8 +516,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated, of bf16 and fp32: the JSON as given (bf16) and with bf16/fp16 disabled "
                         "(fp32) (default: bf16,fp32; --quick: bf16)")
     p.add_argument("--seq-length", type=int, default=256, help="tokens per sample (default: 256)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per throughput run (default: 10; "
-                   "--quick: 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per throughput run (default: 40, "
+                   "a few seconds: a shared machine's slow spells last seconds, so shorter runs sample them; --quick: 4)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps before them (default: 2, which pipeline.pretrain always leaves out)")
     p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks for the multi-rank runs (default: 2)")
@@ -552,7 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders) and print its path")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"precisions": ("bf16", "bf16,fp32"), "steps": (4, 10), "rounds": (1, 3), "ab_steps": (6, 40),
+    defaults = {"precisions": ("bf16", "bf16,fp32"), "steps": (4, 40), "rounds": (1, 3), "ab_steps": (6, 40),
                 "memory_model": ("llama-20m", "llama-350m"), "memory_configs": ("zero0,zero3", ",".join(MEMORY_CONFIGS)),
                 "launch_rounds": (1, 2), "prepare_mb": (2, 20), "prepare_rounds": (1, 2),
                 "report": (None, os.path.join(REPO, "docs", "BENCHMARKS.md"))}
