@@ -714,8 +714,8 @@ CAVEATS = """\
   HF Trainer 1.15x (2026-12-06 01:48, before the chunked loss), 1.04x (02:41) and 1.25x (03:11, 5 rounds), one
   process 0.94x, 0.91x and 0.82x. So the report also times the step alone (the steps section,
   `tools/step_ab.py`): every rank holds the arms side by side and alternates them step by step, so a slow spell
-  hits them alike; its ratios moved by a few percent between runs (bf16, 2 ranks: 1.09-1.20x over the HF
-  Trainer's step on 2026-12-06, the lower figures before the last two changes below).
+  hits them alike; its ratios still move by several percent between runs (bf16, 2 ranks, on 2026-12-06: 1.09x and
+  1.15x over the HF Trainer's step before the attention implementation below, 1.20x after it in this report).
 - What the step gained on 2026-12-06 (04:00-04:25 UTC), each measured by alternating steps in one process: the
   loss in ~512 KB chunks instead of 4 MB (the loss's forward + backward 1.2-1.3x at this vocabulary), torch's
   fused AdamW (`"fused": true`, 3-5x on the optimizer step), and the attention rule as an attention
