@@ -176,9 +176,22 @@ def test_report_steps_section(tmp_path):
     assert "| bf16 | 1 | 80.0 | 96.0 | 88.0 | **1.20x** | **1.10x** |" in text
 
 
-def test_step_ab_hf_arm_gets_the_trainers_json():
+def test_step_ab_hf_arm_gets_the_trainers_json(tmp_path, monkeypatch):
     import step_ab
 
+    # The peer's contract (../shared/peers/hf_trainer_baseline.py, not in this repository): trainer_ds_config keeps
+    # what decides speed and leaves the optimizer's values and the batch to the Trainer ("auto").
+    (tmp_path / "hf_trainer_baseline.py").write_text(
+        "import json\n"
+        "def trainer_ds_config(path):\n"
+        "    cfg = json.load(open(path))\n"
+        "    keep = {k: cfg[k] for k in ('zero_optimization', 'bf16', 'gradient_clipping',\n"
+        "                                'train_micro_batch_size_per_gpu', 'gradient_accumulation_steps')}\n"
+        "    keep['train_batch_size'] = 'auto'\n"
+        "    keep['optimizer'] = {'type': 'AdamW', 'params': {'lr': 'auto', 'betas': 'auto', 'eps': 'auto',\n"
+        "                                                    'weight_decay': 'auto'}}\n"
+        "    return keep\n")
+    monkeypatch.setattr(step_ab, "PEERS", str(tmp_path))
     cfg = step_ab.hf_trainer_config(os.path.join(REPO, "ds_configs", "zero2.json"), world=2)
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"] == {"enabled": True}
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
