@@ -215,3 +215,5 @@ def test_step_ab_one_process_times_every_arm(tmp_path):
     assert set(ms) == {"ours", "torch"} and result["world_size"] == 1 and result["steps"] == 3
     assert result["ours_vs_torch"] == pytest.approx(ms["torch"] / ms["ours"], rel=0.01)
     assert result["tokens_per_sec"]["ours"] == pytest.approx(4 * 16 / (ms["ours"] / 1000), rel=0.01)
+    losses = result["first_loss"]  # one model, the same weights: bf16 (ours) against autocast (torch)
+    assert losses["ours"] == pytest.approx(losses["torch"], rel=0.01) and losses["ours"] > 3

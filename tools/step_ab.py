@@ -19,7 +19,8 @@ the medians of the per-step times are compared. Each arm is what its program run
   torch  one process only: ../shared/peers/torch_baseline.py's step (fp32 weights, autocast to the JSON's
          precision, AdamW, clip_grad_norm_ 1.0)
 
-Rank 0 prints `RESULT {json}`: median ms per step per arm, tokens/s (all ranks), and ours' speed-up over each.
+Rank 0 prints `RESULT {json}`: median ms per step per arm, tokens/s (all ranks), ours' speed-up over each, and each
+arm's loss on the first batch (one model from the same weights: equal up to precision and kernel differences).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.config import load_ds_config, precision_of, resolve_ds_config
+    from pipeline.config import load_ds_config, pipeline_stages_of, precision_of, resolve_ds_config
     from pipeline.distributed import setup, teardown
     from pipeline.models import build_model, load_model_config
     from pipeline.models.cross_entropy import lm_loss
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     dist = setup()
     cfg = load_ds_config(args.deepspeed_config)
     cfg.pop("tensorboard", None)
+    if pipeline_stages_of(cfg) > 1:
+        raise SystemExit(f"step_ab: {args.deepspeed_config} has a pipeline block; the arms compare unpipelined "
+                         "steps (the HF Trainer has no pipeline engine): give a ZeRO 0-3 JSON")
     ours_cfg, _ = resolve_ds_config(cfg, world_size=dist.world_size, train_steps=args.warmup + args.steps,
                                     output_dir=tempfile.gettempdir(), accelerator=dist.accelerator)
     micro = ours_cfg["train_micro_batch_size_per_gpu"]
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     ours_model = build_model(args.model_config, "clm", config.vocab_size, {})
+    initial = {k: v.detach().clone() for k, v in ours_model.state_dict().items()}  # before DeepSpeed casts or
+    # partitions it (ZeRO-3 leaves empty parameters behind): every arm starts from these fp32 weights
     ours, *_ = deepspeed.initialize(model=ours_model, model_parameters=param_groups(ours_model), config=ours_cfg)
     device = ours.device
 
@@ -109,12 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
         loss = lm_loss(ours(input_ids=x).logits, x, True)
         ours.backward(loss)
         ours.step()
+        return loss
 
     arms = {"ours": ours_step}
     if "hf" in args.arms:
         hf_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa",
                                                     trust_remote_code=False)
-        hf_model.load_state_dict(ours_model.state_dict())
+        hf_model.load_state_dict(initial)
         hf, *_ = deepspeed.initialize(model=hf_model, model_parameters=hf_model.parameters(),
                                       config=hf_trainer_config(args.deepspeed_config, dist.world_size))
 
@@ -122,12 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
             loss = hf(input_ids=x, labels=x).loss
             hf.backward(loss)
             hf.step()
+            return loss
 
         arms["hf"] = hf_step
     if "torch" in args.arms and dist.world_size == 1:  # the plain loop has no data parallelism: one process only
         torch_model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa",
                                                        trust_remote_code=False).to(device)
-        torch_model.load_state_dict({k: v.float() for k, v in ours_model.state_dict().items()})
+        torch_model.load_state_dict(initial)
         torch_model.train()
         opt = torch.optim.AdamW(torch_model.parameters(), lr=3e-4)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -139,18 +147,22 @@ def main(argv: list[str] | None = None) -> dict:
             torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss
 
         arms["torch"] = torch_step
 
     g = torch.Generator().manual_seed(1 + dist.rank)
     times: dict[str, list[float]] = {name: [] for name in arms}
+    first_loss = {}  # each arm's loss on the first batch, from the same weights: they train one model
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, config.vocab_size, (micro, args.seq_length), generator=g).to(device)
         for name in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            arms[name](x)
+            loss = arms[name](x)
+            if i == 0:
+                first_loss[name] = round(float(loss), 5)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = micro * args.seq_length * dist.world_size
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {"world_size": dist.world_size, "precision": precision, "micro_batch": micro, "seq_length": args.seq_length,
-              "steps": args.steps, "threads": torch.get_num_threads(),
+              "steps": args.steps, "threads": torch.get_num_threads(), "first_loss": first_loss,
               "ms_per_step": {name: round(m * 1000, 2) for name, m in median.items()},
               "tokens_per_sec": {name: round(tokens / m, 1) for name, m in median.items()},
               **{f"ours_vs_{name}": median[name] / median["ours"] for name in arms if name != "ours"}}
