@@ -87,6 +87,8 @@ def setup() -> Dist:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed(verbose=False)
     release_shm_buffer(rank)
+    if accelerator == "cpu":
+        SharedMemoryCollectives.install(rank, world, local_size)
     if launched:
         exit_with_launcher(rank)
     return Dist(rank, world, local_rank, local_size, accelerator)
@@ -166,6 +168,118 @@ def release_shm_buffer(rank: int) -> None:
         os.unlink(shm_buffer_path(rank))
     except (FileNotFoundError, PermissionError):
         pass
+
+
+class _Done:
+    """The handle of a collective that has already finished (what an async_op caller waits on)."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _overlaps(a, b) -> bool:
+    """Whether two contiguous tensors share memory."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+class SharedMemoryCollectives:
+    """DeepSpeed's collectives between the ranks of one CPU node through shared memory instead of gloo.
+
+    On a CPU, DeepSpeed communicates through torch.distributed's gloo backend, which sends every collective
+    through TCP sockets, also between processes of one machine. DeepSpeed also JIT-builds a shared-memory
+    all-reduce for CPU inference (`torch.ops.deepspeed.inference_all_reduce_`: each rank copies into its
+    buffer in /dev/shm and sums the others' in place) and initializes it in every process whose ranks all
+    share the node, but training never calls it. `install` routes DeepSpeed's training collectives to it:
+
+        all_reduce (SUM)            the shared-memory all-reduce, in place
+        all_gather_into_tensor      this rank's shard in its slot, zeros in the others, all-reduced (x + 0 is exact)
+        reduce_scatter_tensor (SUM) an all-reduce of a copy of the input; this rank keeps its slice
+
+    for contiguous fp32, bf16 and fp16 tensors on the group of all ranks (the op knows no other group);
+    anything else (other ops, dtypes or groups) goes to gloo as before. Each rank adds the same numbers in
+    fp32 and rounds once, so at 2 ranks the results equal gloo's bit for bit. Measured on the 2-core CPU,
+    2 ranks, per call: a 2 MB bf16 all-reduce 1.0 ms against gloo's 3.2, an all-gather to 2 MB 1.1 ms
+    against 2.0, a one-element all-reduce 0.03 ms against 0.22. The op spins while it waits for the
+    other ranks, so it is used only when each rank of the node has a core of its own.
+    PIPELINE_SHM_COLLECTIVES=0 keeps gloo for everything. `active` turns the routing off and on in a
+    running process (tools/step_ab.py runs the HF Trainer's step on gloo, as the Trainer would).
+    """
+
+    installed: SharedMemoryCollectives | None = None
+
+    def __init__(self, backend, rank: int, world: int):
+        import torch
+
+        self.backend, self.rank, self.world, self.active = backend, rank, world, True
+        self.gloo = {name: getattr(backend, name)
+                     for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")}
+        level = getattr(backend, "shm_vector_kernel_level", 0)  # the op's kernels this CPU can run
+        self.dtypes = ({torch.float32} if level >= 1 else set()) | ({torch.bfloat16, torch.float16} if level >= 2 else set())
+        self.op = torch.ops.deepspeed.inference_all_reduce_
+
+    @classmethod
+    def install(cls, rank: int, world: int, local_size: int) -> bool:
+        """Route DeepSpeed's collectives through shared memory when all ranks are on this node; True if done."""
+        import deepspeed.comm.comm as ds_comm
+
+        backend = ds_comm.cdb
+        if (os.environ.get("PIPELINE_SHM_COLLECTIVES", "1") == "0" or world < 2 or local_size != world
+                or local_size > len(os.sched_getaffinity(0)) or getattr(backend, "shm_comm_op", None) is None):
+            return False  # the op initializes itself only when LOCAL_SIZE == world size, as checked here
+        if cls.installed is None:
+            cls.installed = cls(backend, rank, world)
+            backend.all_reduce = cls.installed.all_reduce
+            backend.all_gather_into_tensor = cls.installed.all_gather_into_tensor
+            backend.reduce_scatter_tensor = cls.installed.reduce_scatter_tensor
+        return True
+
+    def _takes(self, group, op, *tensors) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if not self.active or any(t.dtype not in self.dtypes or not t.is_contiguous() for t in tensors):
+            return False
+        if op is not None and self.backend._reduce_op(op) != torch.distributed.ReduceOp.SUM:
+            return False
+        return group is None or (dist.get_world_size(group) == self.world and dist.get_rank(group) == self.rank)
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        import torch
+
+        op = torch.distributed.ReduceOp.SUM if op is None else op
+        if not self._takes(group, op, tensor):
+            return self.gloo["all_reduce"](tensor, op, group, async_op)
+        self.op(tensor)
+        return _Done() if async_op else None
+
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
+        if not self._takes(group, None, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype:
+            return self.gloo["all_gather_into_tensor"](output_tensor=output_tensor, input_tensor=input_tensor,
+                                                       group=group, async_op=async_op)
+        n, out, shard = input_tensor.numel(), output_tensor.view(-1), input_tensor.view(-1)
+        mine = out[self.rank * n:(self.rank + 1) * n]
+        if shard.data_ptr() != mine.data_ptr():  # ZeRO passes its own slot of the output: nothing to copy
+            mine.copy_(shard.clone() if _overlaps(shard, out) else shard)
+        out[:self.rank * n].zero_()
+        out[(self.rank + 1) * n:].zero_()
+        self.op(out)
+        return _Done() if async_op else None
+
+    def reduce_scatter_tensor(self, output_tensor, input_tensor, op=None, group=None, async_op=False):
+        import torch
+
+        op = torch.distributed.ReduceOp.SUM if op is None else op
+        if not self._takes(group, op, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype:
+            return self.gloo["reduce_scatter_tensor"](output_tensor=output_tensor, input_tensor=input_tensor, op=op,
+                                                      group=group, async_op=async_op)
+        n, summed = output_tensor.numel(), input_tensor.reshape(-1).clone()
+        self.op(summed)
+        output_tensor.view(-1).copy_(summed[self.rank * n:(self.rank + 1) * n])
+        return _Done() if async_op else None
 
 
 MMAP_THRESHOLD = 128 << 10  # bytes: blocks at least this large get their own mapping, unmapped when freed

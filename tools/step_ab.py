@@ -16,6 +16,8 @@ the medians of the per-step times are compared. Each arm is what its program run
          the Trainer, the Trainer's "auto" values filled: its lr 3e-4, AdamW betas (0.9, 0.999), eps 1e-8,
          weight decay 0): AutoModelForCausalLM.from_config with SDPA, the model's own loss (labels=...); the
          Trainer's own per-step work (data loader, callbacks) is not in it, so this is the step alone
+         on gloo, as the Trainer's DeepSpeed communicates (ours: shared memory between the ranks of a CPU node,
+         pipeline.distributed.SharedMemoryCollectives)
   torch  one process only: ../shared/peers/torch_baseline.py's step (fp32 weights, autocast to the JSON's
          precision, AdamW, clip_grad_norm_ 1.0)
 
@@ -82,13 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import load_ds_config, pipeline_stages_of, precision_of, resolve_ds_config
-    from pipeline.distributed import setup, teardown
+    from pipeline.distributed import SharedMemoryCollectives, setup, teardown
     from pipeline.models import build_model, load_model_config
     from pipeline.models.cross_entropy import lm_loss
     from pipeline.models.presets import PRESETS
     from pipeline.pretrain import param_groups
 
     dist = setup()
+    shm = SharedMemoryCollectives.installed
     cfg = load_ds_config(args.deepspeed_config)
     cfg.pop("tensorboard", None)
     if pipeline_stages_of(cfg) > 1:
@@ -126,9 +129,15 @@ def main(argv: list[str] | None = None) -> dict:
                                       config=hf_trainer_config(args.deepspeed_config, dist.world_size))
 
         def hf_step(x):
-            loss = hf(input_ids=x, labels=x).loss
-            hf.backward(loss)
-            hf.step()
+            if shm is not None:
+                shm.active = False  # the Trainer's DeepSpeed talks gloo
+            try:
+                loss = hf(input_ids=x, labels=x).loss
+                hf.backward(loss)
+                hf.step()
+            finally:
+                if shm is not None:
+                    shm.active = True
             return loss
 
         arms["hf"] = hf_step
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {"world_size": dist.world_size, "precision": precision, "micro_batch": micro, "seq_length": args.seq_length,
               "steps": args.steps, "threads": torch.get_num_threads(), "first_loss": first_loss,
+              "shm_collectives": shm is not None,
               "ms_per_step": {name: round(m * 1000, 2) for name, m in median.items()},
               "tokens_per_sec": {name: round(tokens / m, 1) for name, m in median.items()},
               **{f"ours_vs_{name}": median[name] / median["ours"] for name in arms if name != "ours"}}
