@@ -197,7 +197,7 @@ class SharedMemoryCollectives:
 
         all_reduce (SUM)            the shared-memory all-reduce, in place
         all_gather_into_tensor      this rank's shard in its slot, zeros in the others, all-reduced (x + 0 is exact)
-        reduce_scatter_tensor (SUM) an all-reduce of a copy of the input; this rank keeps its slice
+        reduce_scatter_tensor (SUM) the input all-reduced in pieces through a scratch buffer; this rank keeps its slice
 
     for contiguous fp32, bf16 and fp16 tensors on the group of all ranks (the op knows no other group);
     anything else (other ops, dtypes or groups) goes to gloo as before. Each rank adds the same numbers in
@@ -210,6 +210,7 @@ class SharedMemoryCollectives:
     """
 
     installed: SharedMemoryCollectives | None = None
+    SCRATCH_ELEMENTS = 1 << 22  # reduce_scatter_tensor sums its input in pieces of this many elements
 
     def __init__(self, backend, rank: int, world: int):
         import torch
@@ -276,9 +277,19 @@ class SharedMemoryCollectives:
         if not self._takes(group, op, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype:
             return self.gloo["reduce_scatter_tensor"](output_tensor=output_tensor, input_tensor=input_tensor, op=op,
                                                       group=group, async_op=async_op)
-        n, summed = output_tensor.numel(), input_tensor.reshape(-1).clone()
-        self.op(summed)
-        output_tensor.view(-1).copy_(summed[self.rank * n:(self.rank + 1) * n])
+        # The input stays as it was (as gloo leaves it): it is summed a piece at a time in a small scratch
+        # buffer, not in a copy of all of it (ZeRO-3 reduces buckets of 5e7 elements).
+        n, source, out = output_tensor.numel(), input_tensor.view(-1), output_tensor.view(-1)
+        mine = (self.rank * n, (self.rank + 1) * n)
+        step = min(source.numel(), self.SCRATCH_ELEMENTS)
+        scratch = torch.empty(step, dtype=source.dtype)
+        for start in range(0, source.numel(), step):
+            piece = scratch[:min(step, source.numel() - start)]
+            piece.copy_(source[start:start + piece.numel()])
+            self.op(piece)
+            lo, hi = max(start, mine[0]), min(start + piece.numel(), mine[1])  # this rank's part of the piece
+            if lo < hi:
+                out[lo - mine[0]:hi - mine[0]].copy_(piece[lo - start:hi - start])
         return _Done() if async_op else None
 
 

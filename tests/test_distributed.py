@@ -17,12 +17,16 @@ def test_shared_memory_collectives_give_gloos_results_and_leave_the_rest_to_gloo
                        cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads(r.stdout.split("REPORT ", 1)[1].splitlines()[0])
-    assert report["installed"]
-    cases = report["cases"]
-    assert all(c["equal"] for c in cases.values()), {k: c for k, c in cases.items() if not c["equal"]}
+    reports = {int(line.split()[1]): json.loads(line.split(None, 2)[2])
+               for line in r.stdout.splitlines() if line.startswith("REPORT ")}
+    assert sorted(reports) == [0, 1] and all(rep["installed"] for rep in reports.values())
+    for rank, rep in reports.items():
+        wrong = {k: c for k, c in rep["cases"].items() if not c["equal"]}
+        assert not wrong, f"rank {rank}: {wrong}"
+    cases = reports[0]["cases"]
     for dt in FLOATS:  # taken: SUM on the whole world, contiguous, the op's dtypes
-        for name in ("all_reduce_sum", "all_reduce_async", "all_gather", "all_gather_own_slot", "reduce_scatter"):
+        for name in ("all_reduce_sum", "all_reduce_async", "all_gather", "all_gather_own_slot", "reduce_scatter",
+                     "reduce_scatter_in_pieces"):
             assert cases[f"{name}_{dt}"]["shm"], f"{name}_{dt}"
     for dt in (*FLOATS, "float64", "uint8"):  # left to gloo: another op, another dtype, a layout, a group
         assert not cases[f"all_reduce_max_{dt}"]["shm"]
