@@ -715,7 +715,15 @@ CAVEATS = """\
   process 0.94x, 0.91x and 0.82x. So the report also times the step alone (the steps section,
   `tools/step_ab.py`): every rank holds the arms side by side and alternates them step by step, so a slow spell
   hits them alike; its ratios still move by several percent between runs (bf16, 2 ranks, on 2026-12-06: 1.09x and
-  1.15x over the HF Trainer's step before the attention implementation below, 1.20x after it in this report).
+  1.15x over the HF Trainer's step before the attention implementation below, 1.20x after it at 04:24 UTC, and
+  1.26x, 1.29x and 1.30x in three runs after the shared-memory collectives below, 06:20-06:30 UTC).
+- Communication between the 2 ranks: `pipeline.pretrain` sends DeepSpeed's all-reduce, all-gather and
+  reduce-scatter between the ranks of one CPU node through shared memory (pipeline/distributed.py,
+  `SharedMemoryCollectives`, since 2026-12-06 06:20 UTC); the HF Trainer's DeepSpeed sends them through gloo's TCP
+  sockets, as it does for its users, and in the steps section the HF arm's steps run with the routing off. Per
+  call here: a 2 MB bf16 all-reduce 1.0 ms against gloo's 3.2, an all-gather to 2 MB 1.1 against 2.0, a
+  one-element all-reduce 0.03 against 0.22; per `tiny` step (alternating steps in one run, the same losses bit
+  for bit) 1.03-1.05x under ZeRO-0/2 and 1.13-1.17x under ZeRO-3.
 - What the step gained on 2026-12-06 (04:00-04:25 UTC), each measured by alternating steps in one process: the
   loss in ~512 KB chunks instead of 4 MB (the loss's forward + backward 1.2-1.3x at this vocabulary), torch's
   fused AdamW (`"fused": true`, 3-5x on the optimizer step), and the attention rule as an attention
