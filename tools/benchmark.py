@@ -734,7 +734,7 @@ CAVEATS = """\
 - One process against the plain torch loop: in the steps section, ours' bf16 step is faster than the loop's
   (autocast's weight casts every step, torch's bf16 flash attention, the loss on an fp32 copy of the logits);
   in fp32 DeepSpeed's engine (ZeRO-2 on a world of one: gradient hooks, flat fp32 partitions, the overflow
-  check, its own clipping) costs ~4% per step. The whole-run figures of the throughput section come from
+  check, its own clipping) costs 4-7% per step (0.96x at 04:24 UTC, 0.93x at 06:50 UTC on 2026-12-06). The whole-run figures of the throughput section come from
   separate processes, whose spread on this machine is larger than that.
 - MFU is against a ceiling measured in the same round: the GEMMs of one step alone, by the same number of
   processes and threads, in the kernels the run uses (on a CPU without native bf16, `bf16-via-fp32` for ours in
