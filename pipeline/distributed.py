@@ -258,7 +258,8 @@ class SharedMemoryCollectives:
         return _Done() if async_op else None
 
     def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
-        if not self._takes(group, None, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype:
+        if (not self._takes(group, None, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype
+                or output_tensor.numel() != self.world * input_tensor.numel()):  # gloo says what is wrong
             return self.gloo["all_gather_into_tensor"](output_tensor=output_tensor, input_tensor=input_tensor,
                                                        group=group, async_op=async_op)
         n, out, shard = input_tensor.numel(), output_tensor.view(-1), input_tensor.view(-1)
@@ -274,7 +275,8 @@ class SharedMemoryCollectives:
         import torch
 
         op = torch.distributed.ReduceOp.SUM if op is None else op
-        if not self._takes(group, op, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype:
+        if (not self._takes(group, op, output_tensor, input_tensor) or output_tensor.dtype != input_tensor.dtype
+                or input_tensor.numel() != self.world * output_tensor.numel() or output_tensor.numel() == 0):
             return self.gloo["reduce_scatter_tensor"](output_tensor=output_tensor, input_tensor=input_tensor, op=op,
                                                       group=group, async_op=async_op)
         # The input stays as it was (as gloo leaves it): it is summed a piece at a time in a small scratch

@@ -73,6 +73,13 @@ for dt in (torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.ui
     compare(f"reduce_scatter_in_pieces_{name}", scatter)
     SharedMemoryCollectives.SCRATCH_ELEMENTS = 1 << 22
 
+def empty_scatter():
+    out = torch.empty(0)
+    dist.reduce_scatter_tensor(out, torch.empty(0))
+    return out
+
+
+compare("reduce_scatter_empty", empty_scatter)
 strided = torch.randn(20, 30, generator=g).t()
 compare("all_reduce_non_contiguous", lambda: all_reduce(strided))
 one = dist.new_group([0])
