@@ -716,7 +716,10 @@ CAVEATS = """\
   `tools/step_ab.py`): every rank holds the arms side by side and alternates them step by step, so a slow spell
   hits them alike; its ratios still move by several percent between runs (bf16, 2 ranks, on 2026-12-06: 1.09x and
   1.15x over the HF Trainer's step before the attention implementation below, 1.20x after it at 04:24 UTC, and
-  1.26x, 1.29x and 1.30x in three runs after the shared-memory collectives below, 06:20-06:30 UTC).
+  1.26x, 1.29x and 1.30x in three runs after the shared-memory collectives below, 06:20-06:30 UTC). Whole runs
+  after that change: this report's 1.32x (06:26 UTC) and a second bf16-only run, `python tools/benchmark.py
+  --sections throughput --precisions bf16 --rounds 5` at 07:23 UTC: ours / HF Trainer 1.32x again, `--compile`
+  1.55x, one process / torch loop 1.08x.
 - Communication between the 2 ranks: `pipeline.pretrain` sends DeepSpeed's all-reduce, all-gather and
   reduce-scatter between the ranks of one CPU node through shared memory (pipeline/distributed.py,
   `SharedMemoryCollectives`, since 2026-12-06 06:20 UTC); the HF Trainer's DeepSpeed sends them through gloo's TCP
