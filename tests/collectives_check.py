@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py under `deepspeed --num_gpus 2`: every collective that
-SharedMemoryCollectives takes gives gloo's result, bit for bit, and what it does not take goes to gloo."""
+"""Run by tests/test_distributed.py under `deepspeed --num_gpus 2`: every collective that SharedMemoryCollectives
+takes gives gloo's result, bit for bit, and what it does not take goes to gloo. Each rank writes its verdicts to
+$COLLECTIVES_CHECK_OUT/rankN.json."""
 import json
 import os
 import sys
@@ -86,5 +87,6 @@ one = dist.new_group([0])
 if rank == 0:
     compare("all_reduce_group_of_one", lambda: all_reduce(torch.ones(4), group=one))
 dist.barrier()
-print(f"REPORT {rank} " + json.dumps(report), flush=True)  # every rank's own verdicts
+with open(os.path.join(os.environ["COLLECTIVES_CHECK_OUT"], f"rank{rank}.json"), "w") as f:  # every rank's own verdicts (printed lines
+    json.dump(report, f)                                              # of two ranks can interleave)
 teardown()
